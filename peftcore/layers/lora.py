@@ -1,0 +1,164 @@
+"""``LoRALinear``: a frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) with named LoRA adapters.
+
+The first active, unmerged adapter runs through the fused op :func:`peftcore.ops.lora_linear`
+(base GEMM and low-rank update in one call, dropout mask regenerated rather than stored); further
+active adapters add their low-rank terms on top.  State-dict keys follow PEFT
+(``<module>.base_layer.weight``, ``<module>.lora_A.<name>.weight``, ``<module>.lora_B.<name>.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.lora import lora_linear
+from ..reference.lora import dropout as _ref_dropout
+from ..reference.rng import new_seed
+
+
+class LoRALinear(nn.Module):
+    """Wraps ``base_layer`` (kept frozen) and holds adapters by name.
+
+    Args:
+        base_layer: ``nn.Linear`` (weight ``[out, in]``) or ``Conv1D`` (weight ``[in, out]``).
+        fan_in_fan_out: whether the base weight is stored ``[in, out]``; None detects Conv1D.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool | None = None):
+        super().__init__()
+        if fan_in_fan_out is None:
+            fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        w = base_layer.weight
+        if w.dim() != 2:
+            raise ValueError(f"base_layer.weight must be 2-D, got shape {tuple(w.shape)}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.backend: dict[str, str | None] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # --- adapters --------------------------------------------------------------------------
+    def add_adapter(self, name: str, config) -> None:
+        """Create adapter ``name`` from a :class:`peftcore.LoRAConfig` and initialize it."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        w = self.base_layer.weight
+        a = nn.Linear(self.in_features, config.r, bias=False, device=w.device, dtype=w.dtype)
+        b = nn.Linear(config.r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.r[name] = config.r
+        self.scaling[name] = config.scaling
+        self.dropout_p[name] = float(config.dropout)
+        self.backend[name] = config.backend
+        self._init(name, config.init)
+
+    def _init(self, name: str, init: str) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init == "default":
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.r[name])
+                nn.init.zeros_(b)
+            else:  # pissa / pissa_niter_N: top-r singular directions move into the adapter
+                self._pissa(name, init)
+
+    def _pissa(self, name: str, init: str) -> None:
+        r, s = self.r[name], self.scaling[name]
+        w32 = self.weight_out_in().float()
+        if init == "pissa":
+            u, sv, vh = torch.linalg.svd(w32, full_matrices=False)
+            u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        else:
+            niter = int(init.split("_niter_")[-1])
+            u, sv, v = torch.svd_lowrank(w32, q=r, niter=niter)
+            vh = v.t()
+        sv = sv / s
+        a = torch.diag(sv.sqrt()) @ vh  # [r, in]
+        b = u @ torch.diag(sv.sqrt())  # [out, r]
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        self._add_to_base(-s * (b @ a))
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting")
+        del self.lora_A[name], self.lora_B[name]
+        for d in (self.r, self.scaling, self.dropout_p, self.backend):
+            d.pop(name, None)
+        self.active = [n for n in self.active if n != name]
+
+    def set_active(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self.lora_A]
+        if missing:
+            raise KeyError(f"no adapter named {missing[0]!r} on this layer (has {sorted(self.lora_A)})")
+        self.active = list(names)
+
+    # --- weights ---------------------------------------------------------------------------
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling · B A`` as ``[out, in]``, in fp32."""
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return self.scaling[name] * (b @ a)
+
+    @torch.no_grad()
+    def _add_to_base(self, delta_out_in: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        d = delta_out_in.t() if self.fan_in_fan_out else delta_out_in
+        w.copy_((w.float() + d).to(w.dtype))
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the adapters into the base weight (default: the active ones not yet merged)."""
+        for name in names if names is not None else self.active:
+            if name not in self.merged:
+                self._add_to_base(self.delta_weight(name))
+                self.merged.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight again."""
+        while self.merged:
+            self._add_to_base(-self.delta_weight(self.merged.pop()))
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        if self.disabled and self.merged:
+            raise RuntimeError("adapters are merged into the base weight: unmerge before disabling them")
+        if not names:
+            return self.base_layer(x)
+        w = self.weight_out_in()
+        bias = self.base_layer.bias
+        if x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        first, rest = names[0], names[1:]
+        p = self.dropout_p[first] if self.training else 0.0
+        y = lora_linear(
+            x, w, bias,
+            self.lora_A[first].weight.to(w.dtype), self.lora_B[first].weight.to(w.dtype),
+            self.scaling[first], dropout_p=p, backend=self.backend[first],
+        )
+        for name in rest:  # several active adapters: the rest add their low-rank terms
+            p = self.dropout_p[name] if self.training else 0.0
+            x2 = x.reshape(-1, self.in_features)
+            xd = _ref_dropout(x2, p, new_seed()) if p > 0 else x2
+            lo = (xd @ self.lora_A[name].weight.to(w.dtype).t()) @ self.lora_B[name].weight.to(w.dtype).t()
+            y = y + self.scaling[name] * lo.reshape(y.shape)
+        return y
+
+    def extra_repr(self) -> str:
+        ads = ", ".join(f"{n}(r={self.r[n]})" for n in self.lora_A)
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{ads}], active={self.active}"
