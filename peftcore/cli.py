@@ -1,0 +1,34 @@
+"""Command line: ``peftcore info | demo | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="peftcore", description="peftcore command line")
+    parser.add_argument("command", choices=["info", "demo", "bench"], help="what to run")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in ("info", "demo", "bench"):
+        parser.error(f"unknown command {cmd!r}: choose info, demo or bench")
+    if cmd == "info":
+        from .info import report
+
+        print(report())
+        return 0
+    if cmd == "demo":
+        from .demo import run
+
+        return run(rest) or 0
+    from .bench import main as bench_main
+
+    return bench_main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
