@@ -244,3 +244,22 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     fresh = pc.load_adapter(copy.deepcopy(base), d)
     ids = tiny_inputs()
     assert rel_err(model_out(fresh, ids), model_out(m, ids)) < 1e-6
+
+
+def test_training_with_dropout_lowers_loss_and_leaves_base_untouched():
+    base, targets = tiny_model("gpt2")
+    model = pc.apply(copy.deepcopy(base), pc.LoRAConfig(r=4, alpha=16, dropout=0.1, target_modules=targets))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tiny_inputs(batch=4, seq=16)
+    model.train()
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(25):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
