@@ -1,0 +1,209 @@
+"""Benchmarks of peftcore's ops against the floor and the baselines: ``peftcore bench <op> ...``.
+
+``main(argv)`` is the CLI entry (``peftcore bench lora --preset cpu``, ``peftcore bench --list``);
+``benchmarks/bench_<op>.py`` are thin scripts around it.  Output: ``<out>/<stem>.json`` (rows),
+``<stem>.md`` (tables, targets) and ``<stem>.png``; the formats are documented in
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+from pathlib import Path
+
+_BENCHES = {"lora": "peftcore.bench.lora"}
+
+
+def _bench(op: str):
+    return importlib.import_module(_BENCHES[op]).BENCH
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftcore bench", description="Benchmark peftcore ops.")
+    p.add_argument("--list", action="store_true", help="list ops, providers and presets, then exit")
+    sub = p.add_subparsers(dest="op", metavar="OP")
+    for op in _BENCHES:
+        b = _bench(op)
+        sp = sub.add_parser(op, help=f"benchmark {op}")
+        sp.add_argument("--preset", choices=sorted(b.presets), default=None,
+                        help="shape set (default: gpu when CUDA is available, else cpu)")
+        sp.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's, else auto)")
+        sp.add_argument("--dtype", type=lambda s: s.replace(",", " ").split(), default=None,
+                        help="dtypes, e.g. bf16,fp16 (replaces the preset's)")
+        sp.add_argument("--providers", type=lambda s: s.replace(",", " ").split(), default=None,
+                        help=f"subset of {','.join(b.providers)}")
+        sp.add_argument("--modes", type=lambda s: s.replace(",", " ").split(), default=None,
+                        help="subset of fwd,bwd,full")
+        sp.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: benchmarks/results of the checkout)")
+        sp.add_argument("--name", default=None,
+                        help="file stem (default: <op>_<device kind>, plus _<preset> unless cpu/gpu)")
+        sp.add_argument("--min-run-time", type=float, default=None,
+                        help="CPU: seconds of blocked_autorange per case (default: 1.0; smoke 0.02)")
+        sp.add_argument("--warmup", type=int, default=25, help="GPU: do_bench warmup ms (default: 25)")
+        sp.add_argument("--rep", type=int, default=100, help="GPU: do_bench repetition ms (default: 100)")
+        sp.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
+        sp.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure copy GB/s and GEMM TFLOP/s ceilings (default: on, off for smoke)")
+        sp.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG")
+        sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="tqdm progress bar")
+        sp.add_argument("--merge", action="store_true",
+                        help="merge into an existing <stem>.json (same device): rows measured now replace "
+                             "rows of the same provider/mode/dtype/shape, the others are kept")
+        sp.add_argument("--print", dest="print_table", action=argparse.BooleanOptionalAction, default=True,
+                        help="print the markdown at the end")
+        b.add_args(sp)
+    return p
+
+
+def list_benches() -> str:
+    lines = []
+    for op in _BENCHES:
+        b = _bench(op)
+        lines.append(f"{op}: providers {', '.join(b.providers)} (floor: {b.floor}, baseline: {b.baseline})")
+        for name, ps in b.presets.items():
+            pairs = ps.get("in_out", [])
+            n = 1
+            for key in ("tokens", "r", "dropout", "dtype", "bias"):
+                n *= len(ps.get(key, [1]))
+            n *= max(len(pairs), 1)
+            desc = ", ".join(f"{k}={v}" for k, v in ps.items() if k != "device")
+            lines.append(f"  --preset {name}: {n} shape(s) per provider; {desc}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of ``peftcore bench``; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print(list_benches())
+        return 0
+    if not args.op:
+        parser.print_help()
+        return 2
+    return run(args, argv)
+
+
+def run(args, argv: list[str]) -> int:
+    """Run the parsed ``peftcore bench <op>`` command (sets torch's thread count for its duration)."""
+    import torch
+
+    bench = _bench(args.op)
+    cuda = torch.cuda.is_available()
+    if args.preset is None:
+        args.preset = "gpu" if cuda else "cpu"
+    preset = bench.presets[args.preset]
+    device = torch.device(args.device or preset.get("device") or ("cuda" if cuda else "cpu"))
+    if device.type == "cuda" and not cuda:
+        print(f"preset {args.preset} wants a CUDA device and none is available; use --device cpu "
+              "or --preset cpu", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if args.threads is None and args.preset == "smoke" and device.type == "cpu":
+        # Tiny shapes gain nothing from threads, and an OpenMP team on a busy machine waits on its
+        # descheduled members (a 64x40 matmul measured 24 ms with 2 threads, 8 us with 1).
+        args.threads = 1
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv, bench, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, argv, bench, device) -> int:
+    import torch
+
+    from . import harness, render
+
+    modes = args.modes or list(harness.MODES)
+    bad = [m for m in modes if m not in harness.MODES]
+    if bad:
+        print(f"unknown mode(s) {bad}; choose from {', '.join(harness.MODES)}", file=sys.stderr)
+        return 2
+    smoke = args.preset == "smoke"
+    cfg = harness.TimerConfig(
+        min_run_time=args.min_run_time if args.min_run_time is not None else (0.02 if smoke else 1.0),
+        warmup_ms=args.warmup, rep_ms=args.rep, threads=args.threads,
+    )
+    cases = bench.cases(args)
+    env = harness.environment(device)
+    out = args.out or harness.default_out_dir()
+    stem = args.name or f"{bench.op}_{env['device_kind']}" + ("" if args.preset in ("cpu", "gpu") else f"_{args.preset}")
+    json_path, md_path, png_path = out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"
+    old = None
+    if args.merge and json_path.exists():
+        old = harness.read_json(json_path)
+        if old[0].get("device") != env["device"]:
+            print(f"--merge: {json_path} holds rows from {old[0].get('device')!r}, not {env['device']!r}; "
+                  "use another --name", file=sys.stderr)
+            return 2
+    dtypes = sorted({c.dtype for c in cases})
+    started = harness.now()
+
+    ceilings = {}
+    if args.ceilings if args.ceilings is not None else not smoke:
+        ccfg = harness.TimerConfig(min_run_time=0.3, warmup_ms=25, rep_ms=100, threads=args.threads)
+        ceilings = harness.measure_ceilings(device, dtypes, ccfg)
+
+    rows, skipped = harness.run_cases(bench, cases, modes, device, cfg, env, ceilings, progress=args.progress)
+    harness.add_ratios(bench, rows)
+
+    timer = (f"triton.testing.do_bench(warmup={cfg.warmup_ms}, rep={cfg.rep_ms}, quantiles=[0.5, 0.2, 0.8])"
+             if device.type == "cuda" else
+             f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={cfg.min_run_time}), "
+             f"{cfg.threads or torch.get_num_threads()} threads; p20/p50/p80 over the block means")
+    notes = []
+    if device.type != "cuda":
+        notes.append("peak_mem_bytes is null on CPU (no allocator statistics); saved_bytes is the "
+                     "activation-memory metric on every device")
+    else:
+        notes.append("peak_mem_bytes: torch.cuda.max_memory_allocated during one call minus the "
+                     "allocation before it (inputs, weights and, for bwd, the retained graph excluded)")
+    meta = {
+        "op": bench.op,
+        "format": 1,
+        "preset": args.preset,
+        "command": "peftcore bench " + shlex.join(argv),
+        "modes": modes,
+        **env,
+        "timestamp": started,
+        "finished": harness.now(),
+        "timer": timer,
+        "ceilings": ceilings,
+        "default_backend": {dt: bench.default_provider(device, dt) for dt in dtypes},
+        "floor": bench.floor,
+        "baseline": bench.baseline,
+        "skipped": skipped,
+        "notes": notes,
+    }
+    meta["runs"] = [{"command": meta["command"], "timestamp": started, "commit": env["commit"]}]
+    if old is not None:
+        harness.merge_into(meta, rows, *old)
+        harness.add_ratios(bench, rows)
+    meta["targets"] = bench.targets(rows, meta)
+
+    harness.write_json(json_path, meta, rows)
+    md = render.markdown(meta, rows, bench.providers)
+    md_path.write_text(md)
+    wrote = [json_path, md_path]
+    if args.plot:
+        if render.plot(meta, rows, png_path, bench.providers):
+            wrote.append(png_path)
+        else:
+            print("no PNG: matplotlib not importable or no full-mode rows", file=sys.stderr)
+    if args.print_table:
+        print(md)
+    print("wrote " + ", ".join(str(p) for p in wrote))
+    return 0
+
+
+__all__ = ["main", "list_benches", "run"]
