@@ -8,10 +8,7 @@ Tests marked ``gpu`` use real sizes and skip on CPU.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import pathlib
-import sys
 
 import pytest
 import torch
@@ -25,30 +22,7 @@ import triton.language as tl  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-try:
-    import peftcore.reference.lora  # noqa: F401
-except ModuleNotFoundError:  # run from a bare checkout without the repo root on sys.path
-    sys.path.insert(0, str(ROOT))
-
-
-def _import_kernels():
-    try:
-        return importlib.import_module("peftcore.kernels.lora")
-    except ModuleNotFoundError as e:
-        if e.name not in ("peftcore.kernels", "peftcore.kernels.lora"):
-            raise
-    # Source checkout without `pip install -e .`: map kernels/ to peftcore.kernels as pyproject does.
-    spec = importlib.util.spec_from_file_location(
-        "peftcore.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["peftcore.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return importlib.import_module("peftcore.kernels.lora")
-
-
-tk = _import_kernels()
+tk = importlib.import_module("peftcore.kernels.lora")  # kernels/ is installed as peftcore.kernels
 from peftcore.kernels import rng as trng  # noqa: E402
 from peftcore.ops import lora_linear  # noqa: E402
 from peftcore.reference import lora as ref  # noqa: E402

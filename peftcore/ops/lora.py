@@ -6,6 +6,8 @@ seed.  No dropout output and no mask are kept: the backward pass regenerates the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends
@@ -119,7 +121,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=No
     name = backends.select("lora_linear", x.device, x.dtype, backend)
     impl = backends.implementation("lora_linear", name)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # explicit rows: reshape(-1, 0) is ambiguous
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y2 = _LoRALinearFn.apply(x2, weight, bias, lora_a, lora_b, float(scaling), p, seed, impl)

@@ -1,0 +1,350 @@
+// peftcore._C: pybind11 bindings of the CPU and CUDA kernels.
+//
+// Tensors cross as raw addresses (tensor.data_ptr()), sizes and strides, so the module never links
+// libtorch.  peftcore/native/lora.py checks dtype, device and layout before it passes an address;
+// the checks here catch what an address cannot show (null, misaligned, sizes and strides that do
+// not fit) with a ValueError instead of a crash.  The GIL is released while a kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "lora_cpu.h"
+#include "lora_cuda.h"
+#include "rng.h"
+
+namespace py = pybind11;
+using peftcore::cuda::DType;
+
+#ifndef PEFTCORE_CXX_COMPILER
+#define PEFTCORE_CXX_COMPILER "unknown"
+#endif
+#ifndef PEFTCORE_CUDA_ARCHS
+#define PEFTCORE_CUDA_ARCHS ""
+#endif
+#ifndef PEFTCORE_NATIVE_ARCH
+#define PEFTCORE_NATIVE_ARCH 0
+#endif
+
+namespace {
+
+[[noreturn]] void fail(const std::string& fn, const std::string& msg) {
+  throw py::value_error("peftcore._C." + fn + ": " + msg);
+}
+
+int64_t elem_size(const std::string& dtype) {
+  if (dtype == "float32") return 4;
+  if (dtype == "float64") return 8;
+  if (dtype == "float16" || dtype == "bfloat16") return 2;
+  return 0;
+}
+
+DType cuda_dtype(const std::string& fn, const std::string& dtype) {
+  if (dtype == "float32") return DType::kFloat32;
+  if (dtype == "float16") return DType::kFloat16;
+  if (dtype == "bfloat16") return DType::kBFloat16;
+  fail(fn, "CUDA kernels take float32, float16 or bfloat16, got '" + dtype + "'");
+}
+
+void check_sizes(const std::string& fn, int64_t M, int64_t K, int64_t R) {
+  if (M < 0 || K < 0) fail(fn, "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K));
+  if (R < 1) fail(fn, "rank R must be >= 1, got " + std::to_string(R));
+  if (R > (int64_t(1) << 20)) fail(fn, "rank R=" + std::to_string(R) + " is out of range");
+}
+
+void check_rng(const std::string& fn, int64_t seed, int64_t threshold, double scale) {
+  if (seed < 0 || seed > int64_t(0xFFFFFFFF)) fail(fn, "seed must be in [0, 2**32), got " + std::to_string(seed));
+  if (threshold < 0 || threshold > int64_t(peftcore::kThresholdMax))
+    fail(fn, "threshold must be in [0, 2**24] (dropout_threshold(p)), got " + std::to_string(threshold));
+  if (!std::isfinite(scale)) fail(fn, "scale must be finite");
+}
+
+// A pointer an operand of `count` elements may use: non-null when count > 0, aligned to its type.
+void check_ptr(const std::string& fn, const char* name, uintptr_t p, int64_t count, int64_t esize,
+               bool optional = false) {
+  if (p == 0) {
+    if (optional || count == 0) return;
+    fail(fn, std::string(name) + " is a null pointer");
+  }
+  if (esize > 0 && p % static_cast<uintptr_t>(esize) != 0)
+    fail(fn, std::string(name) + " is not aligned to its element size " + std::to_string(esize));
+}
+
+// Row stride of a [M, K] operand with unit column stride; writable rows must not overlap.
+void check_ld(const std::string& fn, const char* name, int64_t ld, int64_t M, int64_t K, bool writable) {
+  if (ld < 0) fail(fn, std::string(name) + " row stride must be >= 0, got " + std::to_string(ld));
+  if (M > 1 && ld < K && (writable || ld != 0))
+    fail(fn, std::string(name) + " row stride " + std::to_string(ld) + " is smaller than K=" + std::to_string(K));
+}
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void down_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t xa, int64_t M,
+              int64_t K, int64_t R, int64_t seed, int64_t threshold, double scale, int nthreads, uintptr_t y,
+              int64_t ldy, uintptr_t b, int64_t N, double scaling) {
+  const std::string fn = "down_fwd";
+  check_sizes(fn, M, K, R);
+  check_rng(fn, seed, threshold, scale);
+  const int64_t es = elem_size(dtype);
+  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
+  check_ptr(fn, "x", x, M * K, es);
+  check_ptr(fn, "a", a, R * K, es);
+  check_ptr(fn, "xa", xa, M * R, es);
+  check_ld(fn, "x", ldx, M, K, false);
+  if (y != 0) {
+    if (N < 0) fail(fn, "N must be >= 0, got " + std::to_string(N));
+    check_ptr(fn, "y", y, M * N, es);
+    check_ptr(fn, "b", b, N * R, es);
+    check_ld(fn, "y", ldy, M, N, true);
+    if (!std::isfinite(scaling)) fail(fn, "scaling must be finite");
+  }
+  py::gil_scoped_release nogil;
+  if (es == 4)
+    peftcore::cpu::down_fwd<float>(ptr<const float>(x), ldx, ptr<const float>(a), ptr<float>(xa), M, K, R,
+                                   uint32_t(seed), uint32_t(threshold), scale, nthreads, ptr<float>(y), ldy,
+                                   ptr<const float>(b), N, scaling);
+  else
+    peftcore::cpu::down_fwd<double>(ptr<const double>(x), ldx, ptr<const double>(a), ptr<double>(xa), M, K, R,
+                                    uint32_t(seed), uint32_t(threshold), scale, nthreads, ptr<double>(y), ldy,
+                                    ptr<const double>(b), N, scaling);
+}
+
+void check_bwd(const std::string& fn, int64_t es, uintptr_t g, uintptr_t a, uintptr_t x, int64_t ldx,
+               uintptr_t dx, int64_t lddx, uintptr_t da, int64_t M, int64_t K, int64_t R,
+               int64_t da_es) {
+  check_ptr(fn, "g", g, M * R, es);
+  if (dx != 0) {
+    check_ptr(fn, "a", a, R * K, es);
+    check_ptr(fn, "dx", dx, M * K, es, true);
+    check_ld(fn, "dx", lddx, M, K, true);
+  }
+  if (da != 0) {
+    check_ptr(fn, "x", x, M * K, es);
+    check_ptr(fn, "da", da, R * K, da_es, true);
+    check_ld(fn, "x", ldx, M, K, false);
+  }
+}
+
+void down_bwd(const std::string& dtype, uintptr_t g, uintptr_t a, uintptr_t x, int64_t ldx, uintptr_t dx,
+              int64_t lddx, uintptr_t da, int64_t M, int64_t K, int64_t R, int64_t seed, int64_t threshold,
+              double scale, int nthreads) {
+  const std::string fn = "down_bwd";
+  check_sizes(fn, M, K, R);
+  check_rng(fn, seed, threshold, scale);
+  const int64_t es = elem_size(dtype);
+  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
+  check_bwd(fn, es, g, a, x, ldx, dx, lddx, da, M, K, R, es);
+  py::gil_scoped_release nogil;
+  if (es == 4)
+    peftcore::cpu::down_bwd<float>(ptr<const float>(g), ptr<const float>(a), ptr<const float>(x), ldx,
+                                   ptr<float>(dx), lddx, ptr<float>(da), M, K, R, uint32_t(seed),
+                                   uint32_t(threshold), scale, nthreads);
+  else
+    peftcore::cpu::down_bwd<double>(ptr<const double>(g), ptr<const double>(a), ptr<const double>(x), ldx,
+                                    ptr<double>(dx), lddx, ptr<double>(da), M, K, R, uint32_t(seed),
+                                    uint32_t(threshold), scale, nthreads);
+}
+
+void lora_bwd(const std::string& dtype, uintptr_t dy, int64_t lddy, uintptr_t b, uintptr_t xa, uintptr_t a,
+              uintptr_t x, int64_t ldx, uintptr_t dx, int64_t lddx, uintptr_t da, uintptr_t db, int64_t M,
+              int64_t N, int64_t K, int64_t R, int64_t seed, int64_t threshold, double scale, double scaling,
+              int nthreads) {
+  const std::string fn = "lora_bwd";
+  check_sizes(fn, M, K, R);
+  if (N < 0) fail(fn, "N must be >= 0, got " + std::to_string(N));
+  check_rng(fn, seed, threshold, scale);
+  if (!std::isfinite(scaling)) fail(fn, "scaling must be finite");
+  const int64_t es = elem_size(dtype);
+  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
+  check_ptr(fn, "dy", dy, M * N, es);
+  check_ld(fn, "dy", lddy, M, N, false);
+  if (dx != 0 || da != 0) check_ptr(fn, "b", b, N * R, es);
+  if (dx != 0) {
+    check_ptr(fn, "a", a, R * K, es);
+    check_ptr(fn, "dx", dx, M * K, es, true);
+    check_ld(fn, "dx", lddx, M, K, true);
+  }
+  if (da != 0) {
+    check_ptr(fn, "x", x, M * K, es);
+    check_ptr(fn, "da", da, R * K, es, true);
+    check_ld(fn, "x", ldx, M, K, false);
+  }
+  if (db != 0) {
+    check_ptr(fn, "xa", xa, M * R, es);
+    check_ptr(fn, "db", db, N * R, es, true);
+  }
+  py::gil_scoped_release nogil;
+  if (es == 4)
+    peftcore::cpu::lora_bwd<float>(ptr<const float>(dy), lddy, ptr<const float>(b), ptr<const float>(xa),
+                                   ptr<const float>(a), ptr<const float>(x), ldx, ptr<float>(dx), lddx,
+                                   ptr<float>(da), ptr<float>(db), M, N, K, R, uint32_t(seed),
+                                   uint32_t(threshold), scale, scaling, nthreads);
+  else
+    peftcore::cpu::lora_bwd<double>(ptr<const double>(dy), lddy, ptr<const double>(b), ptr<const double>(xa),
+                                    ptr<const double>(a), ptr<const double>(x), ldx, ptr<double>(dx), lddx,
+                                    ptr<double>(da), ptr<double>(db), M, N, K, R, uint32_t(seed),
+                                    uint32_t(threshold), scale, scaling, nthreads);
+}
+
+void keep_mask(uintptr_t out, int64_t M, int64_t K, int64_t seed, int64_t threshold, int nthreads) {
+  const std::string fn = "keep_mask";
+  check_sizes(fn, M, K, 1);
+  check_rng(fn, seed, threshold, 1.0);
+  check_ptr(fn, "out", out, M * K, 1);
+  py::gil_scoped_release nogil;
+  peftcore::cpu::keep_mask(ptr<uint8_t>(out), M, K, uint32_t(seed), uint32_t(threshold), nthreads);
+}
+
+void require_cuda(const std::string& fn) {
+  if (!peftcore::cuda::compiled()) fail(fn, "peftcore._C was built without CUDA");
+}
+
+void cuda_down_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t xa, int64_t M,
+                   int64_t K, int64_t R, int64_t seed, int64_t threshold, double scale, uintptr_t stream) {
+  const std::string fn = "cuda_down_fwd";
+  require_cuda(fn);
+  check_sizes(fn, M, K, R);
+  check_rng(fn, seed, threshold, scale);
+  const DType dt = cuda_dtype(fn, dtype);
+  const int64_t es = elem_size(dtype);
+  check_ptr(fn, "x", x, M * K, es);
+  check_ptr(fn, "a", a, R * K, es);
+  check_ptr(fn, "xa", xa, M * R, es);
+  check_ld(fn, "x", ldx, M, K, false);
+  py::gil_scoped_release nogil;
+  peftcore::cuda::down_fwd(dt, ptr<const void>(x), ldx, ptr<const void>(a), ptr<void>(xa), M, K, R,
+                           uint32_t(seed), uint32_t(threshold), float(scale), stream);
+}
+
+void cuda_down_bwd(const std::string& dtype, uintptr_t g, uintptr_t a, uintptr_t x, int64_t ldx, uintptr_t dx,
+                   int64_t lddx, uintptr_t da, int64_t M, int64_t K, int64_t R, int64_t seed,
+                   int64_t threshold, double scale, uintptr_t workspace, int64_t workspace_bytes,
+                   uintptr_t stream) {
+  const std::string fn = "cuda_down_bwd";
+  require_cuda(fn);
+  check_sizes(fn, M, K, R);
+  check_rng(fn, seed, threshold, scale);
+  const DType dt = cuda_dtype(fn, dtype);
+  const int64_t es = elem_size(dtype);
+  check_bwd(fn, es, g, a, x, ldx, dx, lddx, da, M, K, R, 4);
+  if (da != 0) {
+    const int64_t need = peftcore::cuda::down_bwd_workspace(M, K, R);
+    if (workspace_bytes < need)
+      fail(fn, "workspace of " + std::to_string(workspace_bytes) + " bytes, cuda_down_bwd_workspace(M, K, R) = " +
+                   std::to_string(need));
+    check_ptr(fn, "workspace", workspace, need, 4);
+  }
+  py::gil_scoped_release nogil;
+  peftcore::cuda::down_bwd(dt, ptr<const void>(g), ptr<const void>(a), ptr<const void>(x), ldx, ptr<void>(dx),
+                           lddx, ptr<float>(da), M, K, R, uint32_t(seed), uint32_t(threshold), float(scale),
+                           ptr<void>(workspace), workspace_bytes, stream);
+}
+
+int64_t cuda_down_bwd_workspace(int64_t M, int64_t K, int64_t R) {
+  check_sizes("cuda_down_bwd_workspace", M, K, R);
+  return peftcore::cuda::down_bwd_workspace(M, K, R);
+}
+
+void cuda_keep_mask(uintptr_t out, int64_t M, int64_t K, int64_t seed, int64_t threshold, uintptr_t stream) {
+  const std::string fn = "cuda_keep_mask";
+  require_cuda(fn);
+  check_sizes(fn, M, K, 1);
+  check_rng(fn, seed, threshold, 1.0);
+  check_ptr(fn, "out", out, M * K, 1);
+  py::gil_scoped_release nogil;
+  peftcore::cuda::keep_mask(ptr<uint8_t>(out), M, K, uint32_t(seed), uint32_t(threshold), stream);
+}
+
+// The first instruction-set extension this binary was compiled for (-march=native on the build
+// machine) that the running CPU lacks, or "" when it has them all.  The loader refuses the module
+// with this name instead of letting a kernel die of SIGILL.
+std::string missing_isa() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+#if defined(__AVX512F__)
+  if (!__builtin_cpu_supports("avx512f")) return "avx512f";
+#endif
+#if defined(__AVX512BW__)
+  if (!__builtin_cpu_supports("avx512bw")) return "avx512bw";
+#endif
+#if defined(__AVX512VL__)
+  if (!__builtin_cpu_supports("avx512vl")) return "avx512vl";
+#endif
+#if defined(__AVX2__)
+  if (!__builtin_cpu_supports("avx2")) return "avx2";
+#endif
+#if defined(__FMA__)
+  if (!__builtin_cpu_supports("fma")) return "fma";
+#endif
+#if defined(__AVX__)
+  if (!__builtin_cpu_supports("avx")) return "avx";
+#endif
+#endif
+  return "";
+}
+
+py::dict build_config() {
+  py::dict d;
+  d["cxx_compiler"] = PEFTCORE_CXX_COMPILER;
+  d["openmp"] = peftcore::cpu::has_openmp();
+  d["simd"] = peftcore::cpu::simd_name();
+  d["native_arch"] = bool(PEFTCORE_NATIVE_ARCH);
+  d["cuda"] = peftcore::cuda::compiled();
+  d["cuda_archs"] = std::string(PEFTCORE_CUDA_ARCHS);
+  d["cuda_runtime_version"] = peftcore::cuda::runtime_version();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "peftcore native kernels (CPU: OpenMP + SIMD; CUDA when built with nvcc). "
+            "Tensors are passed as data_ptr() integers; see peftcore/native/lora.py.";
+
+  m.def("down_fwd", &down_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"), py::arg("xa"),
+        py::arg("M"), py::arg("K"), py::arg("R"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+        py::arg("nthreads") = 0, py::arg("y") = 0, py::arg("ldy") = 0, py::arg("b") = 0, py::arg("N") = 0,
+        py::arg("scaling") = 1.0,
+        "xa[M,R] = scale * (keep ⊙ x[M,K]) @ A[R,K]^T on the CPU (float32/float64); with y != 0 also "
+        "y[M,N] += scaling * xa @ B[N,R]^T in the same pass.");
+  m.def("lora_bwd", &lora_bwd, py::arg("dtype"), py::arg("dy"), py::arg("lddy"), py::arg("b"), py::arg("xa"),
+        py::arg("a"), py::arg("x"), py::arg("ldx"), py::arg("dx"), py::arg("lddx"), py::arg("da"), py::arg("db"),
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("R"), py::arg("seed"), py::arg("threshold"),
+        py::arg("scale"), py::arg("scaling"), py::arg("nthreads") = 0,
+        "The LoRA side of the backward in one pass, g = scaling * dy @ B kept per row chunk: "
+        "dx += scale * keep ⊙ (g @ A) (dx != 0), da = scale * g^T @ (keep ⊙ x) (da != 0), "
+        "db = scaling * dy^T @ xa (db != 0). CPU, float32/float64.");
+  m.def("down_bwd", &down_bwd, py::arg("dtype"), py::arg("g"), py::arg("a"), py::arg("x"), py::arg("ldx"),
+        py::arg("dx"), py::arg("lddx"), py::arg("da"), py::arg("M"), py::arg("K"), py::arg("R"), py::arg("seed"),
+        py::arg("threshold"), py::arg("scale"), py::arg("nthreads") = 0,
+        "dx[M,K] += scale * keep ⊙ (g[M,R] @ A[R,K]) (in place, skipped if dx == 0); "
+        "da[R,K] = scale * g^T @ (keep ⊙ x) (overwritten, skipped if da == 0). CPU, float32/float64.");
+  m.def("keep_mask", &keep_mask, py::arg("out"), py::arg("M"), py::arg("K"), py::arg("seed"),
+        py::arg("threshold"), py::arg("nthreads") = 0, "out[M,K] (uint8) = keep mask, for tests.");
+  m.def("cuda_down_fwd", &cuda_down_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"),
+        py::arg("xa"), py::arg("M"), py::arg("K"), py::arg("R"), py::arg("seed"), py::arg("threshold"),
+        py::arg("scale"), py::arg("stream"), "CUDA down_fwd (float32/float16/bfloat16, fp32 accumulation).");
+  m.def("cuda_down_bwd", &cuda_down_bwd, py::arg("dtype"), py::arg("g"), py::arg("a"), py::arg("x"),
+        py::arg("ldx"), py::arg("dx"), py::arg("lddx"), py::arg("da"), py::arg("M"), py::arg("K"), py::arg("R"),
+        py::arg("seed"), py::arg("threshold"), py::arg("scale"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"), "CUDA down_bwd; da is float32 [R,K].");
+  m.def("cuda_down_bwd_workspace", &cuda_down_bwd_workspace, py::arg("M"), py::arg("K"), py::arg("R"),
+        "Bytes of device scratch cuda_down_bwd needs for dA.");
+  m.def("cuda_keep_mask", &cuda_keep_mask, py::arg("out"), py::arg("M"), py::arg("K"), py::arg("seed"),
+        py::arg("threshold"), py::arg("stream"), "Device keep mask, for tests.");
+  m.def("cuda_device_count", &peftcore::cuda::device_count,
+        "Devices visible to the bundled CUDA runtime (negative cudaError_t when it cannot start).");
+  m.def("hash32", [](int64_t x) { return peftcore::hash32(uint32_t(x)); }, py::arg("x"),
+        "lowbias32 of the low 32 bits of x.");
+  m.def("set_num_threads", &peftcore::cpu::set_num_threads, py::arg("n"),
+        "Default CPU thread count for calls with nthreads=0 (0: OpenMP's default).");
+  m.def("get_num_threads", &peftcore::cpu::get_num_threads);
+  m.def("build_config", &build_config, "How this binary was compiled.");
+  m.def("missing_isa", &missing_isa,
+        "First CPU extension the binary needs that this CPU lacks ('' when none).");
+  m.attr("CUDA") = peftcore::cuda::compiled();
+}

@@ -1,0 +1,1 @@
+"""Adapter methods: per-method config and injection (peftcore.tuners.lora, ...)."""
