@@ -72,16 +72,6 @@ inline V splat(T s) {
   return V{} + s;
 }
 
-template <class U>
-inline U hashv(U x) {
-  x ^= x >> 16;
-  x *= kHashC1;
-  x ^= x >> 15;
-  x *= kHashC2;
-  x ^= x >> 16;
-  return x;
-}
-
 template <class U, int L>
 inline U iota() {
   U v{};
@@ -95,7 +85,7 @@ inline typename Vec<T>::Mk keep_lanes(uint32_t rk, int64_t k0, uint32_t threshol
   using W = Vec<T>;
   using U = typename W::U;
   const U k = iota<U, W::L>() + static_cast<uint32_t>(k0);
-  const U bits = hashv<U>(splat<U>(rk) ^ (k * kGolden));
+  const U bits = hash32_lanes<U>(splat<U>(rk) ^ (k * kGolden));
   return (bits >> 8) >= splat<U>(threshold);
 }
 

@@ -20,8 +20,10 @@ constexpr uint32_t kHashC2 = 0x846CA68Bu;
 constexpr uint32_t kGolden = 0x9E3779B1u;
 constexpr uint32_t kThresholdMax = 1u << 24;  // threshold = round(p * 2^24) <= 2^24
 
-// Chris Wellons' lowbias32 mixer.
-PC_HD uint32_t hash32(uint32_t x) {
+// Chris Wellons' lowbias32 mixer, for uint32_t and for GCC vectors of uint32_t (cpu_simd.h).
+// U must be unsigned: a signed operand would make >> an arithmetic shift.
+template <class U>
+PC_HD U hash32_lanes(U x) {
   x ^= x >> 16;
   x *= kHashC1;
   x ^= x >> 15;
@@ -29,6 +31,8 @@ PC_HD uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
+
+PC_HD uint32_t hash32(uint32_t x) { return hash32_lanes(x); }
 
 // Per-call key from the user's seed.
 PC_HD uint32_t seed_key(uint32_t seed) { return hash32(seed); }

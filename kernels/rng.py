@@ -10,8 +10,8 @@ The keep decision of element ``(m, k)`` depends on ``(seed, m, k)`` only::
 
 All device arithmetic is uint32 with wrap-around.  Every constant is cast to ``tl.uint32``
 explicitly: a Python literal below 2**31 would otherwise enter as int32 and one above as uint32,
-and a signed operand turns ``>>`` into an arithmetic shift.  The host-side helpers are plain
-Python (no peftcore import) so this package stays importable on its own.
+and a signed operand turns ``>>`` into an arithmetic shift.  The host-side scalar helpers are
+those of :mod:`peftcore.reference.rng`.
 """
 
 from __future__ import annotations
@@ -19,21 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_MASK32 = 0xFFFFFFFF
-_C1 = 0x7FEB352D
-_C2 = 0x846CA68B
-_GOLDEN = 0x9E3779B1
-
-
-def hash32_host(x: int) -> int:
-    """lowbias32 of a Python int, as an unsigned 32-bit value."""
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * _C1) & _MASK32
-    x ^= x >> 15
-    x = (x * _C2) & _MASK32
-    x ^= x >> 16
-    return x
+from ..reference.rng import dropout_threshold as threshold
+from ..reference.rng import hash32_int
 
 
 def seed_key(seed: int) -> int:
@@ -42,15 +29,8 @@ def seed_key(seed: int) -> int:
     (Triton types a Python int >= 2**31 as uint32 and one below as int32; a fixed type avoids a
     second compilation.  The kernel bitcasts it back to uint32.)
     """
-    sk = hash32_host(int(seed))
+    sk = hash32_int(int(seed))
     return sk - (1 << 32) if sk >= (1 << 31) else sk
-
-
-def threshold(p: float) -> int:
-    """Integer threshold on the 24 high bits of the hash: an element is kept when bits >= it."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
-    return min(int(round(p * (1 << 24))), 1 << 24)
 
 
 @triton.jit
