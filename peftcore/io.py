@@ -71,7 +71,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     tensors = adapter_state_dict(model, name)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = config.to_peft_dict()
+    layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.lora_A]
+    # Record what the layers are, not what the config left to detection: PEFT reads these keys.
+    targets = config.target_modules or sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
+    cfg = config.to_peft_dict(target_modules=targets)
+    cfg["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in layers)
     if cfg.get("base_model_name_or_path") is None:
         cfg["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     payload = save(tensors, metadata={"format": "pt"})

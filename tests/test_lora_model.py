@@ -80,6 +80,7 @@ def test_peft_loads_what_we_save(kind, tmp_path):
     pc.save_adapter(ours, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["fan_in_fan_out"] == (kind == "gpt2")  # Conv1D stores [in, out]
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
     ids = tiny_inputs()
     assert rel_err(model_out(loaded, ids), model_out(ours, ids)) < 1e-6
@@ -154,7 +155,7 @@ def test_inits_gaussian_and_pissa():
         assert rel_err(model_out(m, ids), y) < tol  # residual + s·BA reproduces W
 
 
-def test_target_rules():
+def test_target_rules(tmp_path):
     base, _ = tiny_model("llama")
     m = pc.apply(copy.deepcopy(base), pc.LoRAConfig(target_modules="all-linear"))
     wrapped = [n for n, _ in pc.model.lora_layers(m)]
@@ -163,6 +164,8 @@ def test_target_rules():
     assert [n for n, _ in pc.model.lora_layers(m)] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
     m = pc.apply(copy.deepcopy(base), pc.LoRAConfig())  # llama default: q_proj, v_proj
     assert len(list(pc.model.lora_layers(m))) == 4
+    pc.save_adapter(m, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
     with pytest.raises(ValueError, match="matched no module"):
         pc.apply(copy.deepcopy(base), pc.LoRAConfig(target_modules=["nope"]))
 
