@@ -8,7 +8,7 @@
 Importing peftcore probes no device, compiles nothing and loads no extension.
 """
 
-from . import ops
+from . import losses, ops
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoRALinear
 from .model import (
@@ -36,6 +36,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "load_adapter",
+    "losses",
     "merge",
     "ops",
     "read_adapter",

@@ -1,0 +1,143 @@
+"""``distill_kl``: temperature softmax-KL distillation loss with backend dispatch.
+
+The backend computes the loss and the gradient with respect to the student logits in one pass
+(forward); the backward pass only scales that stored gradient by the upstream gradient.
+
+T² convention: the loss is ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over rows, as in
+Hinton et al. (2015), so that soft-label gradients keep their size as T grows and the loss can be
+mixed with a hard-label cross-entropy at the same weight for any T.  Libraries disagree here:
+torchdistill and TextBrewer drop T² in places, and Liger's and TRL's GKD losses never apply it; to
+compare with those, divide our value by T².
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ..reference.distill import KINDS
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+SPEC = backends.register(
+    backends.OpSpec(
+        name="distill_kl",
+        modules={
+            "reference": "peftcore.reference.distill",
+            "triton": "peftcore.kernels.distill",
+            "cpp": "peftcore.native.distill",
+            "cuda": "peftcore.native.distill",
+        },
+        dtypes={
+            "reference": FLOATS + (torch.float64,),
+            "triton": FLOATS,
+            "cpp": (torch.float32,),
+            "cuda": FLOATS,
+        },
+        defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
+        why_default={
+            "cpu": "cpp: single-pass OpenMP/SIMD kernel (benchmarks/results/distill_cpu.md)",
+            "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",
+        },
+    )
+)
+
+
+class _DistillKLFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s2, t2, temperature, kind, beta, row_weight, per_row, impl):
+        need_grad = ctx.needs_input_grad[0]
+        loss_rows, grad = impl.distill_fwd(s2, t2, temperature, kind, beta, row_weight, need_grad)
+        ctx.per_row = per_row
+        ctx.save_for_backward(grad if need_grad else None)
+        if per_row:
+            return loss_rows
+        return (loss_rows.double() * row_weight.double()).sum().to(loss_rows.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 8
+        if ctx.per_row:
+            dg = grad * g.to(grad.dtype)[:, None]
+        elif g.numel() == 1 and float(g) == 1.0:
+            dg = grad  # the usual loss.backward(): nothing to scale, no copy
+        else:
+            dg = grad * g.to(grad.dtype)
+        return (dg,) + (None,) * 7
+
+
+def _check(student_logits, teacher_logits, temperature, reduction, mask, kind, beta):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point (float32, float16 or bfloat16), got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] < 1:
+            raise ValueError(f"{name} must be [..., V] with V >= 1, got shape {tuple(x.shape)}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits on {student_logits.device}")
+    if teacher_logits.dtype != student_logits.dtype:
+        raise TypeError(f"teacher_logits has dtype {teacher_logits.dtype} but student_logits has {student_logits.dtype}")
+    if teacher_logits.requires_grad:
+        raise ValueError("teacher_logits requires grad; the teacher is fixed here: pass teacher_logits.detach()")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
+        raise ValueError(f"beta must be in (0, 1) for kind='jsd', got {beta!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor of shape {tuple(student_logits.shape[:-1])}, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != student_logits.shape[:-1]:
+            raise ValueError(f"mask must have shape {tuple(student_logits.shape[:-1])} (the logits' rows), got {tuple(mask.shape)}")
+
+
+def distill_kl(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", mask=None,
+               backend=None, kind="forward", beta=0.5):
+    """Soft-label distillation loss ``T² · KL(softmax(t/T) ‖ softmax(s/T))``.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]``, same shape and dtype (fp32/fp16/bf16); the
+            teacher gets no gradient (pass it detached).
+        temperature: T > 0.
+        reduction: ``"batchmean"`` (mean over unmasked rows, the default), ``"sum"`` (over rows),
+            ``"mean"`` (over unmasked rows and V, like ``F.kl_div(reduction="mean")``) or
+            ``"none"`` (per-row ``[...]`` losses, 0 where masked).
+        mask: bool ``[...]``; False rows are left out (padding, prompt tokens).
+        kind: ``"forward"`` KL(teacher‖student), ``"reverse"`` KL(student‖teacher) or ``"jsd"``,
+            the generalized Jensen-Shannon divergence with weight ``beta`` on the teacher.
+        backend: ``"reference" | "triton" | "cpp" | "cuda"`` or None for the registry's choice.
+
+    Returns a scalar (fp32) or, with ``reduction="none"``, per-row losses.  Test vector: student
+    [1, 2, 3], teacher [3, 2, 1], T = 2 gives 1.280627 (0.320157 before the T²).
+    """
+    _check(student_logits, teacher_logits, temperature, reduction, mask, kind, beta)
+    name = backends.select("distill_kl", student_logits.device, student_logits.dtype, backend)
+    impl = backends.implementation("distill_kl", name)
+    lead, v = student_logits.shape[:-1], student_logits.shape[-1]
+    n = student_logits.numel() // v
+    s2 = student_logits.reshape(n, v)
+    t2 = teacher_logits.reshape(n, v)
+    s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
+    t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
+    live = torch.ones(n, dtype=torch.bool, device=s2.device) if mask is None else mask.reshape(n).to(s2.device)
+    wdtype = torch.float64 if s2.dtype == torch.float64 else torch.float32
+    count = live.sum().clamp_min(1).to(wdtype)
+    weight = live.to(wdtype)
+    if reduction == "batchmean":
+        weight = weight / count
+    elif reduction == "mean":
+        weight = weight / (count * v)
+    out = _DistillKLFn.apply(s2, t2, float(temperature), kind, float(beta), weight, reduction == "none", impl)
+    return out.reshape(lead) if reduction == "none" else out
