@@ -1,0 +1,1 @@
+"""Knowledge distillation workflows: feature losses and the Distiller training loop."""
