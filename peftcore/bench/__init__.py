@@ -1,6 +1,7 @@
 """Benchmarks of peftcore's ops against the floor and the baselines: ``peftcore bench <op> ...``.
 
-``main(argv)`` is the CLI entry (``peftcore bench lora --preset cpu``, ``peftcore bench --list``);
+``main(argv)`` is the CLI entry (``peftcore bench lora --preset cpu``, ``peftcore bench distill``,
+``peftcore bench fused-distill``, ``peftcore bench --list``);
 ``benchmarks/bench_<op>.py`` are thin scripts around it.  Output: ``<out>/<stem>.json`` (rows),
 ``<stem>.md`` (tables, targets) and ``<stem>.png``; the formats are documented in
 benchmarks/README.md.
@@ -14,7 +15,11 @@ import shlex
 import sys
 from pathlib import Path
 
-_BENCHES = {"lora": "peftcore.bench.lora"}
+_BENCHES = {  # CLI name -> module with a BENCH
+    "lora": "peftcore.bench.lora",
+    "distill": "peftcore.bench.distill",
+    "fused-distill": "peftcore.bench.fused_distill",
+}
 
 
 def _bench(op: str):
@@ -64,13 +69,12 @@ def list_benches() -> str:
     lines = []
     for op in _BENCHES:
         b = _bench(op)
-        lines.append(f"{op}: providers {', '.join(b.providers)} (floor: {b.floor}, baseline: {b.baseline})")
+        lines.append(f"{op}: providers {', '.join(b.providers)} (floor: {b.floor or 'none'}, baseline: {b.baseline})")
         for name, ps in b.presets.items():
-            pairs = ps.get("in_out", [])
             n = 1
-            for key in ("tokens", "r", "dropout", "dtype", "bias"):
-                n *= len(ps.get(key, [1]))
-            n *= max(len(pairs), 1)
+            for key, vals in ps.items():  # every list-valued entry is one axis of the grid
+                if isinstance(vals, (list, tuple)):
+                    n *= max(len(vals), 1)
             desc = ", ".join(f"{k}={v}" for k, v in ps.items() if k != "device")
             lines.append(f"  --preset {name}: {n} shape(s) per provider; {desc}")
     return "\n".join(lines)
@@ -162,12 +166,18 @@ def _run(args, argv, bench, device) -> int:
              f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={cfg.min_run_time}), "
              f"{cfg.threads or torch.get_num_threads()} threads; p20/p50/p80 over the block means")
     notes = []
-    if device.type != "cuda":
+    if device.type != "cuda" and bench.cpu_peak_memory:
+        notes.append("peak_mem_bytes on CPU: peak of the running sum of the CPU allocations and frees "
+                     "made during one call (torch.profiler, profile_memory=True); what was allocated "
+                     "before the call (inputs, weights, for bwd the retained graph) is not counted")
+    elif device.type != "cuda":
         notes.append("peak_mem_bytes is null on CPU (no allocator statistics); saved_bytes is the "
                      "activation-memory metric on every device")
     else:
         notes.append("peak_mem_bytes: torch.cuda.max_memory_allocated during one call minus the "
                      "allocation before it (inputs, weights and, for bwd, the retained graph excluded)")
+    extra = dict(bench.meta(device))
+    notes += extra.pop("notes", [])
     meta = {
         "op": bench.op,
         "format": 1,
@@ -184,6 +194,7 @@ def _run(args, argv, bench, device) -> int:
         "baseline": bench.baseline,
         "skipped": skipped,
         "notes": notes,
+        **extra,
     }
     meta["runs"] = [{"command": meta["command"], "timestamp": started, "commit": env["commit"]}]
     if old is not None:
@@ -192,7 +203,7 @@ def _run(args, argv, bench, device) -> int:
     meta["targets"] = bench.targets(rows, meta)
 
     harness.write_json(json_path, meta, rows)
-    md = render.markdown(meta, rows, bench.providers)
+    md = render.markdown(meta, rows, bench.providers, bench.extra_cols)
     md_path.write_text(md)
     wrote = [json_path, md_path]
     if args.plot:

@@ -15,12 +15,14 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
 import os
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -48,6 +50,8 @@ class Setup:
     forward: Callable[[], torch.Tensor]
     inputs: list[torch.Tensor]
     params: list[torch.Tensor] = field(default_factory=list)
+    loss: bool = False  # forward returns a scalar loss: the backward is seeded with 1, as loss.backward()
+    info: dict = field(default_factory=dict)  # extra keys copied into every row of this setup
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Bench:
     baseline: str = ""  # the library we must beat (HF PEFT for LoRA)
     providers: tuple[str, ...] = ()
     presets: dict = {}
+    cpu_peak_memory: bool = False  # also measure peak_mem_bytes on the CPU (profiler; see peak_memory)
+    extra_cols: tuple = ()  # (row key, header, format) columns the markdown tables add
 
     def add_args(self, parser) -> None:  # op-specific filters
         pass
@@ -79,6 +85,17 @@ class Bench:
 
     def flops(self, case: Case, mode: str) -> float | None:
         return None
+
+    def bytes_moved(self, case: Case, mode: str) -> float | None:
+        """Bytes the op must move at least (for GB/s against the copy ceiling); None: not reported."""
+        return None
+
+    def finish_row(self, case: Case, mode: str, row: dict) -> None:
+        """Add op-specific keys to a measured row (in place)."""
+
+    def meta(self, device: torch.device) -> dict:
+        """Op-specific meta keys; a ``notes`` list is appended to the harness's notes."""
+        return {}
 
     def floor_shape(self, shape: dict) -> dict:
         """The shape key of the floor row a shape is compared to."""
@@ -255,7 +272,7 @@ def make_fn(setup: Setup, mode: str) -> Callable[[], object]:
 
         return fwd
     y = setup.forward()
-    dy = torch.randn_like(y)
+    dy = torch.ones_like(y) if setup.loss else torch.randn_like(y)
     inputs = setup.inputs
     if mode == "bwd":
         return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
@@ -265,16 +282,57 @@ def make_fn(setup: Setup, mode: str) -> Callable[[], object]:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak bytes allocated by one call above what was allocated before it (CUDA only, else None)."""
+def peak_memory(fn: Callable[[], object], device: torch.device, cpu: bool = False) -> int | None:
+    """Peak bytes allocated by one call above what was allocated before it.
+
+    CUDA: the caching allocator's statistics.  CPU: None unless ``cpu``; then one call runs under
+    ``torch.profiler`` with ``profile_memory=True`` and the peak of the running sum of its CPU
+    allocation events is returned (allocations torch makes, C++ extensions' torch tensors
+    included; memory a library mallocs itself is not seen).
+    """
     if device.type != "cuda":
-        return None
+        return cpu_peak_memory(fn) if cpu else None
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (kineto logs profiler start/stop there from C++; KINETO_LOG_LEVEL
+    is read only when torch loads).  Errors inside still propagate as Python exceptions."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_memory(fn: Callable[[], object]) -> int:
+    """Peak of the running sum of CPU allocations and frees during one call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == cpu]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return int(peak)
 
 
 def saved_bytes(forward: Callable[[], torch.Tensor], params: Iterable[torch.Tensor]) -> int:
@@ -375,7 +433,7 @@ def run_cases(bench: Bench, cases: list[Case], modes: list[str], device: torch.d
             try:
                 fn = make_fn(setup, mode)
                 fn()  # compile / autotune / warm the allocator outside both measurements
-                peak = peak_memory(fn, device)
+                peak = peak_memory(fn, device, cpu=bench.cpu_peak_memory)
                 t = time_fn(fn, device, cfg)
             except Exception as e:
                 skip(case, f"error in {mode}: {type(e).__name__}: {str(e)[:300]}")
@@ -387,6 +445,9 @@ def run_cases(bench: Bench, cases: list[Case], modes: list[str], device: torch.d
             flops = bench.flops(case, mode)
             tflops = flops / (t["p50_ms"] * 1e-3) / 1e12 if flops else None
             ceiling = ceilings.get(f"gemm_tflops_{case.dtype}") if ceilings else None
+            nbytes = bench.bytes_moved(case, mode)
+            gbps = nbytes / (t["p50_ms"] * 1e-3) / 1e9 if nbytes else None
+            copy = ceilings.get("copy_gbps") if ceilings else None
             rows.append({
                 "op": bench.op,
                 "provider": case.provider,
@@ -405,6 +466,9 @@ def run_cases(bench: Bench, cases: list[Case], modes: list[str], device: torch.d
                 "flops": flops,
                 "tflops": tflops,
                 "pct_of_gemm_ceiling": (100.0 * tflops / ceiling) if (tflops and ceiling) else None,
+                "bytes": nbytes,
+                "gbps": gbps,
+                "pct_of_copy_ceiling": (100.0 * gbps / copy) if (gbps and copy) else None,
                 "is_default": case.provider == bench.default_provider(device, case.dtype),
                 "device": env["device"],
                 "device_kind": env["device_kind"],
@@ -412,7 +476,9 @@ def run_cases(bench: Bench, cases: list[Case], modes: list[str], device: torch.d
                 "triton": env["triton"],
                 "commit": env["commit"],
                 "timestamp": now(),
+                **setup.info,
             })
+            bench.finish_row(case, mode, rows[-1])
             bar.update(1)
         del setup
         free(device)
