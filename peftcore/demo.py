@@ -1,4 +1,4 @@
-"""``peftcore demo``: fine-tune a small pre-trained encoder three ways and compare.
+"""``peftcore demo``: fine-tune a small pre-trained encoder three ways, distill it, and compare.
 
 On the shipped ``textcls`` intent set (``peftcore.data``), starting each time from the same
 pre-trained encoder (by default the packaged sentence-transformers all-MiniLM-L6-v2):
@@ -9,6 +9,13 @@ pre-trained encoder (by default the packaged sentence-transformers all-MiniLM-L6
   ``peftcore.ops.lora_linear``) into the encoder and freezes its weights; the adapters and a new
   linear head train.
 * ``full`` ("full fine-tune"): every parameter trains.
+* ``distill`` ("distilled student (2 layers)"): the full fine-tune (trained first when ``full``
+  did not run before it) teaches a student made of its embeddings and 2 of its layers
+  (``peftcore.distill.uniform_layer_map``: layers 2 and 5 of MiniLM's 6) plus a new head, on
+  0.5 hard-label CE + 0.5 soft-label ``distill_kl`` at T = 2 (``peftcore.distill.Distiller``).
+  The word embeddings, copied from the teacher, stay frozen: they are most of the student's size
+  and training them costs time for no accuracy on 464 texts.  Its seconds and memory count the
+  distillation alone, with the teacher already in memory.
 
 Prints one row per method (trainable and total parameters, test accuracy, training seconds, peak
 memory) and with ``--json PATH`` writes the rows as a JSON list.  Runs on the CPU in a few minutes.
@@ -28,17 +35,20 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-METHODS = ("probe", "lora", "full")
-DISPLAY = {"probe": "linear probe", "lora": "lora (fused)", "full": "full fine-tune"}
+from .training import batches as _batches, count as _count, encode as _encode, evaluate as _evaluate
+from .training import progress_bar as _progress, train_loop as _train_loop
+
+METHODS = ("probe", "lora", "full", "distill")
+DISPLAY = {"probe": "linear probe", "lora": "lora (fused)", "full": "full fine-tune", "distill": "distilled student (2 layers)"}
 # Per-method defaults, tuned on the packaged MiniLM with 2 CPU threads (peftcore/data/README.md
 # lists the accuracies they give).  The probe trains on cached features, so its epochs are cheap.
 DEFAULTS = {
     "probe": {"epochs": 60, "lr": 3e-3, "batch_size": 32},
     "lora": {"epochs": 8, "lr": 2e-3, "batch_size": 16},
     "full": {"epochs": 4, "lr": 1e-4, "batch_size": 16},
+    "distill": {"epochs": 4, "lr": 2e-4, "batch_size": 16},
 }
 LORA_TARGETS = ["query", "key", "value", "dense"]
 
@@ -255,85 +265,8 @@ def _classifier_cls():
     return TextClassifier
 
 
-@dataclass
-class Encoded:
-    ids: list  # list[list[int]], unpadded
-    labels: list
-
-
-def _encode(tok, texts, labels, max_length):
-    enc = tok(list(texts), truncation=True, max_length=max_length)
-    return Encoded(enc["input_ids"], list(labels))
-
-
-def _batches(data: Encoded, batch_size, pad_id, device, generator=None):
-    """Yield ``(input_ids, attention_mask, labels)`` padded to the batch's longest text."""
-    import torch
-
-    n = len(data.ids)
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else range(n)
-    order = list(order)
-    for i in range(0, n, batch_size):
-        idx = order[i : i + batch_size]
-        width = max(len(data.ids[j]) for j in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, j in enumerate(idx):
-            seq = data.ids[j]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        y = torch.tensor([data.labels[j] for j in idx], dtype=torch.long)
-        yield ids.to(device), mask.to(device), y.to(device)
-
-
-def _count(params):
-    return sum(p.numel() for p in params)
-
-
 # --------------------------------------------------------------------------------------------
-# the three methods
-
-
-def _progress(total, desc, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=True, disable=not enabled, dynamic_ncols=True)
-
-
-def _train_loop(model, params, train, cfg, pad_id, device, seed, desc, progress):
-    import torch
-
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
-    steps_per_epoch = math.ceil(len(train.ids) / cfg["batch_size"])
-    total = steps_per_epoch * cfg["epochs"]
-    warmup = max(1, total // 10)
-    # Linear warm-up then linear decay: the usual BERT fine-tuning schedule.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    with _progress(total, desc, progress) as bar:
-        for _ in range(cfg["epochs"]):
-            for ids, mask, y in _batches(train, cfg["batch_size"], pad_id, device, gen):
-                loss = torch.nn.functional.cross_entropy(model(ids, mask), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-
-
-def _evaluate(model, test, pad_id, device):
-    import torch
-
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for ids, mask, y in _batches(test, 64, pad_id, device):
-            correct += (model(ids, mask).argmax(-1) == y).sum().item()
-    return correct / max(1, len(test.ids))
+# the methods (batching, the training loop and evaluation: peftcore.training)
 
 
 def _run_probe(clf, train, cfg, pad_id, device, seed, progress):
@@ -389,6 +322,51 @@ def _apply_lora(encoder, r, alpha, dropout, targets):
     return encoder
 
 
+def _hidden(enc):
+    return getattr(enc.config, "hidden_size", None) or enc.get_input_embeddings().embedding_dim
+
+
+def _train_teacher(args, model_dir, train, test, num_classes, pad_id, device, say):
+    """The distillation teacher when ``full`` did not run before ``distill``: the same full fine-tune."""
+    import torch
+
+    cfg = _method_cfg(args, "full")
+    say(f"teacher: {DISPLAY['full']} first (epochs={cfg['epochs']} lr={cfg['lr']:g}; not counted in the row)")
+    torch.manual_seed(args.seed)
+    enc = _load_encoder(model_dir)
+    clf = _classifier_cls()(enc, _hidden(enc), num_classes).to(device)
+    for p in clf.parameters():
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    _train_loop(clf, list(clf.parameters()), train, cfg, pad_id, device, args.seed, "teacher", args.progress)
+    say(f"teacher: test accuracy {_evaluate(clf, test, pad_id, device):.3f} in {time.perf_counter() - t0:.1f} s")
+    return clf
+
+
+def _student(teacher, layers, num_classes):
+    """The teacher's embeddings and ``layers`` of its layers (uniform map) plus a new head."""
+    from .distill import shrink_encoder, uniform_layer_map
+
+    n = teacher.encoder.config.num_hidden_layers  # >= layers: checked before any training
+    enc = shrink_encoder(teacher.encoder, [t for _, t in uniform_layer_map(layers, n)])
+    enc.get_input_embeddings().weight.requires_grad_(False)  # frozen: see the module docstring
+    return _classifier_cls()(enc, _hidden(enc), num_classes)
+
+
+def _run_distill(student, teacher, train, cfg, pad_id, device, args, desc):
+    """Soft + hard labels from ``teacher`` into ``student`` (Distiller); returns the trained parameters."""
+    import torch
+
+    from .distill.recipes import distill_classifier
+
+    gen = torch.Generator().manual_seed(args.seed)
+    distill_classifier(teacher, student, lambda _: _batches(train, cfg["batch_size"], pad_id, device, gen),
+                       epochs=cfg["epochs"], steps_per_epoch=math.ceil(len(train.ids) / cfg["batch_size"]),
+                       temperature=args.temperature, lr=cfg["lr"], max_grad_norm=None, seed=args.seed,
+                       progress=args.progress, desc=desc)
+    return [p for p in student.parameters() if p.requires_grad]
+
+
 # --------------------------------------------------------------------------------------------
 # driver
 
@@ -434,6 +412,10 @@ def _run_methods(args) -> list[dict]:
     train = _encode(tok, tr_texts, tr_labels, args.max_length)
     test = _encode(tok, te_texts, te_labels, args.max_length)
 
+    if "distill" in args.methods:  # before any training: the check needs only the config
+        depth = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
+        if isinstance(depth, int) and args.student_layers > depth:
+            raise DemoError(f"--student-layers {args.student_layers}: the teacher has only {depth} layers")
     TextClassifier = _classifier_cls()
     say = (lambda *a: print(*a, flush=True)) if not args.quiet else (lambda *a: None)
     say(f"model: {model_dir}")
@@ -443,34 +425,43 @@ def _run_methods(args) -> list[dict]:
     )
     say(f"device: {device}, torch threads: {torch.get_num_threads()}, seed: {args.seed}")
 
-    rows = []
-    for method in args.methods:
+    n = args.student_layers
+    display = {**DISPLAY, "distill": f"distilled student ({n} layer{'s' if n != 1 else ''})"}
+    rows, teacher = [], None  # teacher: the full fine-tune, kept when distill runs after it
+    for i, method in enumerate(args.methods):
         cfg = _method_cfg(args, method)
-        say(f"\n{DISPLAY[method]}: epochs={cfg['epochs']} lr={cfg['lr']:g} batch_size={cfg['batch_size']}")
+        say(f"\n{display[method]}: epochs={cfg['epochs']} lr={cfg['lr']:g} batch_size={cfg['batch_size']}")
         _release_memory()
-        torch.manual_seed(args.seed)
-        enc = _load_encoder(model_dir)
-        hidden = getattr(enc.config, "hidden_size", None) or enc.get_input_embeddings().embedding_dim
-        if method == "lora":
-            enc = _apply_lora(enc, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        clf = TextClassifier(enc, hidden, len(names)).to(device)
+        if method == "distill":
+            if teacher is None:
+                teacher = _train_teacher(args, model_dir, train, test, len(names), pad_id, device, say)
+            torch.manual_seed(args.seed)
+            enc, clf = None, _student(teacher, n, len(names)).to(device)
+        else:
+            torch.manual_seed(args.seed)
+            enc = _load_encoder(model_dir)
+            if method == "lora":
+                enc = _apply_lora(enc, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+            clf = TextClassifier(enc, _hidden(enc), len(names)).to(device)
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             if method == "probe":
                 trainable = _run_probe(clf, train, cfg, pad_id, device, args.seed, args.progress)
+            elif method == "distill":
+                trainable = _run_distill(clf, teacher, train, cfg, pad_id, device, args, display[method])
             else:
                 if method == "full":
                     for p in clf.parameters():
                         p.requires_grad_(True)
                 trainable = [p for p in clf.parameters() if p.requires_grad]
-                _train_loop(clf, trainable, train, cfg, pad_id, device, args.seed, DISPLAY[method], args.progress)
+                _train_loop(clf, trainable, train, cfg, pad_id, device, args.seed, display[method], args.progress)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
         acc = _evaluate(clf, test, pad_id, device)
         rows.append(
             {
-                "method": DISPLAY[method],
+                "method": display[method],
                 "trainable_params": _count(trainable),
                 "total_params": _count(clf.parameters()),
                 "accuracy": acc,
@@ -478,12 +469,19 @@ def _run_methods(args) -> list[dict]:
                 "peak_mem_mb": round(mem.peak_mb, 1),
             }
         )
-        say(f"{DISPLAY[method]}: test accuracy {acc:.3f} in {seconds:.1f} s")
+        say(f"{display[method]}: test accuracy {acc:.3f} in {seconds:.1f} s")
+        if method == "full" and "distill" in args.methods[i + 1 :]:
+            teacher = clf
+        elif method == "distill":
+            teacher = None  # not needed by the methods after it
         del clf, enc, trainable
     if not args.quiet:
         print()
         print(format_table(rows))
-        print(f"seconds: training wall time{' (probe: including feature extraction)' if 'probe' in args.methods else ''}; "
+        notes = "; ".join(note for m, note in (("probe", "probe: including feature extraction"),
+                                               ("distill", "distilled student: the distillation alone"))
+                          if m in args.methods)
+        print(f"seconds: training wall time{f' ({notes})' if notes else ''}; "
               f"peak_mem_mb: {PeakMemory.describe(device)}")
     if args.json:
         path = Path(args.json)
@@ -578,7 +576,8 @@ def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
         prog=prog,
         description=(
             "Fine-tune a pre-trained encoder on the shipped textcls intent set three ways "
-            "(linear probe, LoRA via peftcore, full fine-tuning) and compare accuracy, time and memory."
+            "(linear probe, LoRA via peftcore, full fine-tuning), distill the full fine-tune into a smaller "
+            "student, and compare accuracy, time and memory."
         ),
         epilog=f"Per-method defaults: {defaults}. --epochs/--lr/--batch-size take VALUE (all methods) "
         "or METHOD=VALUE, and may be repeated.",
@@ -601,6 +600,9 @@ def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.1, metavar="P", help="LoRA dropout (default 0.1)")
     p.add_argument("--lora-targets", type=_targets, default=list(LORA_TARGETS), metavar="LIST",
                    help=f"comma-separated module names or dotted suffixes, or all-linear (default: {','.join(LORA_TARGETS)})")
+    p.add_argument("--student-layers", type=_positive_int, default=2, metavar="N",
+                   help="layers of the distilled student, picked uniformly from the teacher's (default 2)")
+    p.add_argument("--temperature", type=float, default=2.0, metavar="T", help="distillation temperature (default 2)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; 'auto' picks cuda when available)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads (default: the cores this process may use)")
     p.add_argument("--json", metavar="PATH", help="write the result rows to PATH as a JSON list")
@@ -634,6 +636,8 @@ def parse_args(argv=None, prog="peftcore demo"):
         parser.error(f"--device {args.device!r}: CUDA is not available in this torch build or machine")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device!r}: only cpu and cuda are supported")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be positive, got {args.temperature}")
     if not 0.0 <= args.lora_dropout < 1.0:
         parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     return parser, args

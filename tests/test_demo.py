@@ -93,26 +93,70 @@ def test_demo_end_to_end(tiny_bert, tmp_path, capsys):
     out = tmp_path / "rows.json"
     rc = _run(
         ["--model", str(tiny_bert), "--max-train", "60", "--max-test", "40", "--epochs", "2",
-         "--epochs", "probe=5", "--batch-size", "16", "--no-progress", "--json", str(out), "--threads", "1"]
+         "--epochs", "probe=5", "--batch-size", "16", "--no-progress", "--json", str(out), "--threads", "1",
+         "--student-layers", "1"]
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    for name in ("linear probe", "lora (fused)", "full fine-tune", "process RSS", "trainable params"):
+    for name in ("linear probe", "lora (fused)", "full fine-tune", "distilled student (1 layer)", "process RSS",
+                 "trainable params", "the distillation alone"):
         assert name in printed
+    assert "teacher:" not in printed  # the full fine-tune row's model is the teacher
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["linear probe", "lora (fused)", "full fine-tune"]
+    assert [r["method"] for r in rows] == ["linear probe", "lora (fused)", "full fine-tune", "distilled student (1 layer)"]
     for r in rows:
         assert set(r) == ROW_KEYS
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["seconds"] > 0
         assert 0 < r["trainable_params"] <= r["total_params"]
         assert r["peak_mem_mb"] == r["peak_mem_mb"]  # not NaN
-    probe, lora, full = rows
+    probe, lora, full, distill = rows
     assert probe["trainable_params"] == 32 * 5 + 5  # the linear head alone
     assert probe["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
     assert full["trainable_params"] == full["total_params"] == probe["total_params"]
     # LoRA adds its adapters on top of the same base model
     assert lora["total_params"] == full["total_params"] + lora["trainable_params"] - probe["trainable_params"]
+    # the student: one of the two layers and a new head; its word embeddings (copied, frozen) do not train
+    layer = sum(p.numel() for p in _tiny_layer_params(tiny_bert))
+    assert distill["total_params"] == full["total_params"] - layer
+    assert distill["trainable_params"] == distill["total_params"] - _tiny_vocab(tiny_bert) * 32
+
+
+def _tiny_layer_params(model_dir):
+    import transformers
+
+    return transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False).encoder.layer[0].parameters()
+
+
+def _tiny_vocab(model_dir):
+    return len((model_dir / "vocab.txt").read_text().split())
+
+
+def test_demo_distill_alone_trains_its_teacher(tiny_bert, tmp_path, capsys):
+    rows = []
+    for i in range(2):
+        out = tmp_path / f"rows{i}.json"
+        rc = _run(["--model", str(tiny_bert), "--methods", "distill", "--max-train", "40", "--max-test", "40",
+                   "--epochs", "2", "--student-layers", "1", "--temperature", "3", "--no-progress",
+                   "--json", str(out), "--threads", "1"])
+        assert rc == 0
+        printed = capsys.readouterr().out
+        assert "teacher: full fine-tune first" in printed and "teacher: test accuracy" in printed
+        rows.append(json.loads(out.read_text()))
+    assert [r["method"] for r in rows[0]] == ["distilled student (1 layer)"]
+    assert set(rows[0][0]) == ROW_KEYS
+    assert rows[0][0]["accuracy"] == rows[1][0]["accuracy"]  # deterministic
+
+
+def test_demo_distill_bad_options(tiny_bert, capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(["--model", str(tiny_bert), "--methods", "distill", "--student-layers", "3", "--max-train", "20",
+              "--max-test", "10", "--epochs", "1", "--quiet", "--threads", "1"])
+    assert e.value.code == 2
+    assert "--student-layers 3: the teacher has only 2 layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(["--temperature", "0"])
+    assert "--temperature must be positive" in capsys.readouterr().err
 
 
 def test_demo_deterministic(tiny_bert, tmp_path):
