@@ -8,7 +8,7 @@
 Importing peftcore probes no device, compiles nothing and loads no extension.
 """
 
-from . import losses, ops
+from . import distill, losses, ops
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoRALinear
 from .model import (
@@ -35,6 +35,7 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "distill",
     "load_adapter",
     "losses",
     "merge",
