@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <string>
 
+#include "distill_cpu.h"
+#include "distill_cuda.h"
 #include "lora_cpu.h"
 #include "lora_cuda.h"
 #include "rng.h"
@@ -259,6 +261,65 @@ void cuda_keep_mask(uintptr_t out, int64_t M, int64_t K, int64_t seed, int64_t t
   peftcore::cuda::keep_mask(ptr<uint8_t>(out), M, K, uint32_t(seed), uint32_t(threshold), stream);
 }
 
+// ---- distill_kl ---------------------------------------------------------------------------------
+
+peftcore::cpu::DistillKind distill_kind(const std::string& fn, const std::string& kind) {
+  if (kind == "forward") return peftcore::cpu::DistillKind::kForward;
+  if (kind == "reverse") return peftcore::cpu::DistillKind::kReverse;
+  if (kind == "jsd") return peftcore::cpu::DistillKind::kJsd;
+  fail(fn, "kind must be 'forward', 'reverse' or 'jsd', got '" + kind + "'");
+}
+
+// Checks shared by the CPU and CUDA distill_fwd: s, t [N, V] (row strides lds, ldt, read only),
+// row_weight and loss fp32 [N], grad [N, V] contiguous in the input dtype (0: no gradient).
+void check_distill(const std::string& fn, int64_t es, uintptr_t s, int64_t lds, uintptr_t t,
+                   int64_t ldt, uintptr_t row_weight, uintptr_t loss, uintptr_t grad, int64_t N,
+                   int64_t V, double temperature, const std::string& kind, double beta) {
+  if (N < 0) fail(fn, "N must be >= 0, got " + std::to_string(N));
+  if (V < 1) fail(fn, "V must be >= 1, got " + std::to_string(V));
+  if (N > 0 && V > (int64_t(1) << 40) / N) fail(fn, "N * V is out of range");
+  if (!std::isfinite(temperature) || !(temperature > 0))
+    fail(fn, "temperature must be finite and > 0, got " + std::to_string(temperature));
+  if (kind == "jsd" && !(beta > 0.0 && beta < 1.0))
+    fail(fn, "beta must be in (0, 1) for kind='jsd', got " + std::to_string(beta));
+  check_ptr(fn, "s", s, N * V, es);
+  check_ptr(fn, "t", t, N * V, es);
+  check_ld(fn, "s", lds, N, V, false);
+  check_ld(fn, "t", ldt, N, V, false);
+  check_ptr(fn, "row_weight", row_weight, N, 4);
+  check_ptr(fn, "loss", loss, N, 4);
+  check_ptr(fn, "grad", grad, N * V, es, true);
+  if (grad != 0 && (grad == s || grad == t)) fail(fn, "grad must not alias s or t");
+}
+
+void distill_fwd(const std::string& dtype, uintptr_t s, int64_t lds, uintptr_t t, int64_t ldt,
+                 uintptr_t row_weight, uintptr_t loss, uintptr_t grad, int64_t N, int64_t V,
+                 double temperature, const std::string& kind, double beta, int nthreads) {
+  const std::string fn = "distill_fwd";
+  if (dtype != "float32") fail(fn, "the CPU kernel takes float32, got '" + dtype + "'");
+  const auto k = distill_kind(fn, kind);
+  check_distill(fn, 4, s, lds, t, ldt, row_weight, loss, grad, N, V, temperature, kind, beta);
+  py::gil_scoped_release nogil;
+  peftcore::cpu::distill_fwd(ptr<const float>(s), lds, ptr<const float>(t), ldt,
+                             ptr<const float>(row_weight), ptr<float>(loss), ptr<float>(grad), N, V,
+                             temperature, k, beta, nthreads);
+}
+
+void cuda_distill_fwd(const std::string& dtype, uintptr_t s, int64_t lds, uintptr_t t, int64_t ldt,
+                      uintptr_t row_weight, uintptr_t loss, uintptr_t grad, int64_t N, int64_t V,
+                      double temperature, const std::string& kind, double beta, uintptr_t stream) {
+  const std::string fn = "cuda_distill_fwd";
+  require_cuda(fn);
+  const DType dt = cuda_dtype(fn, dtype);
+  const auto k = distill_kind(fn, kind);
+  check_distill(fn, elem_size(dtype), s, lds, t, ldt, row_weight, loss, grad, N, V, temperature,
+                kind, beta);
+  py::gil_scoped_release nogil;
+  peftcore::cuda::distill_fwd(dt, ptr<const void>(s), lds, ptr<const void>(t), ldt,
+                              ptr<const float>(row_weight), ptr<float>(loss), ptr<void>(grad), N, V,
+                              temperature, static_cast<int>(k), beta, stream);
+}
+
 // The first instruction-set extension this binary was compiled for (-march=native on the build
 // machine) that the running CPU lacks, or "" when it has them all.  The loader refuses the module
 // with this name instead of letting a kernel die of SIGILL.
@@ -336,6 +397,16 @@ PYBIND11_MODULE(_C, m) {
         "Bytes of device scratch cuda_down_bwd needs for dA.");
   m.def("cuda_keep_mask", &cuda_keep_mask, py::arg("out"), py::arg("M"), py::arg("K"), py::arg("seed"),
         py::arg("threshold"), py::arg("stream"), "Device keep mask, for tests.");
+  m.def("distill_fwd", &distill_fwd, py::arg("dtype"), py::arg("s"), py::arg("lds"), py::arg("t"),
+        py::arg("ldt"), py::arg("row_weight"), py::arg("loss"), py::arg("grad"), py::arg("N"), py::arg("V"),
+        py::arg("temperature"), py::arg("kind"), py::arg("beta") = 0.5, py::arg("nthreads") = 0,
+        "Distillation loss on the CPU (float32): loss[N] = T^2 * divergence(softmax(t/T), softmax(s/T)) "
+        "per row (kind 'forward' KL(p||q), 'reverse' KL(q||p), 'jsd' with weight beta on p), 0 where "
+        "row_weight is 0; with grad != 0 also grad[N,V] (contiguous) = row_weight * dloss/ds.");
+  m.def("cuda_distill_fwd", &cuda_distill_fwd, py::arg("dtype"), py::arg("s"), py::arg("lds"), py::arg("t"),
+        py::arg("ldt"), py::arg("row_weight"), py::arg("loss"), py::arg("grad"), py::arg("N"), py::arg("V"),
+        py::arg("temperature"), py::arg("kind"), py::arg("beta"), py::arg("stream"),
+        "CUDA distill_fwd (float32/float16/bfloat16 inputs, fp32 math, fp32 loss, grad in the input dtype).");
   m.def("cuda_device_count", &peftcore::cuda::device_count,
         "Devices visible to the bundled CUDA runtime (negative cudaError_t when it cannot start).");
   m.def("hash32", [](int64_t x) { return peftcore::hash32(uint32_t(x)); }, py::arg("x"),

@@ -2,7 +2,7 @@
 // targets, the vectorized mask hash, and 4-row micro-kernels (dot products, row updates).
 //
 // GCC/Clang vector extensions instead of intrinsics: the same source compiles to AVX-512, AVX2 or
-// SSE/NEON, and the uint32 hash vectorizes like the FMAs.  Included by lora_cpu.cpp only.
+// SSE/NEON, and the uint32 hash vectorizes like the FMAs.  Included by lora_cpu.cpp and distill_cpu.cpp.
 #pragma once
 
 #include <cstdint>

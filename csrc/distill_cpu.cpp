@@ -1,0 +1,366 @@
+// CPU kernel of the distillation loss.  See distill_cpu.h for the contract.
+//
+// Per row, with xs = (s - max s) / T, es = e^xs, Zs = sum(es), and likewise xt, et, Zt
+// for the teacher, log q - log p needs no per-element log:
+//   D = log q - log p = (xs - xt) + log Zt - log Zs
+//   forward  KL = sum(et (xt - xs)) / Zt + log Zs - log Zt,  dKL/d(s/T) = q - p
+//   reverse  KL = sum(es (xs - xt)) / Zs + log Zt - log Zs,  dKL/d(s/T) = q (D - KL)
+//   jsd      with d = D + log(1-b) - log b = log((1-b) q / (b p)) and Lp = log1p(e^-|d|):
+//            A = log m - log p = log b     + max(d, 0)  + Lp
+//            B = log m - log q = log(1-b)  + max(-d, 0) + Lp
+//            JSD = -b sum(p A) - (1-b) sum(q B),  dJSD/d(s/T) = q (h - sum(q h)),
+//            h = -(1-b) B
+// so each element costs two exps (plus one exp and one division for JSD).  Working in d keeps
+// -inf entries exact (p = 0 gives d = +inf, Lp = 0, B = log(1-b)) and m never underflows.
+//
+// Passes over a row while it sits in the core's L2: (1) max of s and t; (2) es, et and the sums,
+// es/et/(xs - xt) kept in a per-thread scratch; (3) the gradient, or for JSD the A/B terms and
+// then (4) the gradient.  Row sums run in fp32 lanes over chunks of kChunk elements and in fp64
+// lanes across chunks.  Row constants subtracted from per-element terms go in as fp32 hi + lo
+// pairs so their rounding does not bias every element the same way.
+#include "distill_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu_simd.h"
+#include "lora_cpu.h"  // get_num_threads(): the module-wide default thread count
+
+namespace peftcore {
+namespace cpu {
+namespace {
+
+using VF = simd::Vec<float>::V;
+using VI = simd::Vec<float>::Mk;
+using VD = simd::Vec<double>::V;                                          // L / 2 doubles
+typedef float VH __attribute__((vector_size(simd::kVecBytes / 2)));  // L / 2 floats
+constexpr int L = simd::Vec<float>::L;
+// Row sums: fp32 lanes over kChunk elements, then fp64 lanes.  In a near-uniform row (high T)
+// KL is a small difference of log Zt - log Zs ~ log V, so Z needs more than fp32's precision.
+constexpr int64_t kChunk = 4 * L;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline VF splat(float x) { return simd::splat<VF>(x); }
+inline VF load(const float* p) { return simd::load<VF>(p); }
+inline void store(float* p, VF v) { simd::store(p, v); }
+// The first n (< L) elements at p; the other lanes hold `fill`.
+inline VF load_part(const float* p, int64_t n, float fill) {
+  VF v = splat(fill);
+  std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(float));
+  return v;
+}
+inline void store_part(float* p, VF v, int64_t n) {
+  std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
+}
+inline VF vmax(VF a, VF b) { return a > b ? a : b; }
+inline VF keep_if(VI m, VF x) { return m ? x : splat(0.f); }
+inline VF pos(VF x) { return keep_if(x > splat(0.f), x); }  // max(x, 0); 0 for NaN
+inline VF vabs(VF x) { return x < splat(0.f) ? -x : x; }
+// The two fp64 accumulators of a row sum, and their total.
+struct Wide {
+  VD lo = simd::splat<VD>(0.0), hi = simd::splat<VD>(0.0);
+  void add(VF x) {
+    VH a, b;
+    std::memcpy(&a, &x, sizeof a);
+    std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof a, sizeof b);
+    lo += __builtin_convertvector(a, VD);
+    hi += __builtin_convertvector(b, VD);
+  }
+  double sum() const {
+    const VD v = lo + hi;
+    double s = 0;
+    for (int l = 0; l < L / 2; ++l) s += v[l];
+    return s;
+  }
+};
+inline float hmax(VF v) {
+  float m = v[0];
+  for (int l = 1; l < L; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// e^x for x <= 0 (a rounding error above 0 is fine), -inf and NaN included.  Cephes' expf
+// reduction and polynomial, ~1 ulp; results below 2^-126 (x < -87.34) are flushed to 0: such
+// probabilities are far below what an fp32 row sum can see.
+inline VF exp_neg(VF x) {
+  const float kLo = -87.33654475f;  // log(2^-126)
+  const VI tiny = x < splat(kLo);  // false for NaN: NaN flows through
+  x = tiny ? splat(kLo) : x;
+  const VF magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const VF fx = x * splat(1.44269504088896341f) + magic;
+  const VF n = fx - magic;
+  const VI ni = (VI)fx - (VI)magic;  // n as an integer, from the bits
+  VF r = x - n * splat(0.693359375f);
+  r = r + n * splat(2.12194440e-4f);
+  VF p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const VF y = p * (r * r) + r + splat(1.0f);
+  const VF scale = (VF)((ni + 127) << 23);  // 2^n, n in [-126, 0]
+  return tiny ? splat(0.f) : y * scale;
+}
+
+// log(1 + e) for e in [0, 1]: 2 atanh(z), z = e / (2 + e) in [0, 1/3], by its series to z^15
+// (truncation < 2e-9 relative).  No rounding of 1 + e, so small e keeps its relative accuracy.
+inline VF log1p01(VF e) {
+  const VF z = e / (e + splat(2.0f));
+  const VF w = z * z;
+  VF p = splat(1.0f / 15);
+  p = p * w + splat(1.0f / 13);
+  p = p * w + splat(1.0f / 11);
+  p = p * w + splat(1.0f / 9);
+  p = p * w + splat(1.0f / 7);
+  p = p * w + splat(1.0f / 5);
+  p = p * w + splat(1.0f / 3);
+  p = p * w + splat(1.0f);
+  return (z + z) * p;
+}
+
+struct Split {
+  float hi, lo;
+};
+// x as fp32 hi + lo (lo = 0 where x is not finite).
+inline Split split(double x) {
+  const float hi = static_cast<float>(x);
+  const float lo = (std::isfinite(x) && std::isfinite(hi)) ? static_cast<float>(x - hi) : 0.f;
+  return {hi, lo};
+}
+
+struct Params {
+  float inv_t;
+  double t;
+  double beta;
+  Split log_b, log_1mb;  // log(beta), log(1 - beta)
+};
+
+// Loss of one row (T^2 * divergence); writes grad[0:V] (already scaled by T * w) when GRAD.
+// bq, bp, bd: scratch of round_up(V, L) floats each.
+template <DistillKind K, bool GRAD>
+float distill_row(const float* s, const float* t, int64_t V, double w, float* grad, const Params& c,
+                  float* bq, float* bp, float* bd) {
+  const int64_t Vf = V - V % L;
+  const int64_t Vp = simd::round_up(V, L);
+  const bool tail = Vf < V;
+
+  // (1) row maxima
+  VF msv = splat(-kInf), mtv = splat(-kInf);
+  for (int64_t k = 0; k < Vf; k += L) {
+    msv = vmax(load(s + k), msv);
+    mtv = vmax(load(t + k), mtv);
+  }
+  if (tail) {
+    msv = vmax(load_part(s + Vf, V - Vf, -kInf), msv);
+    mtv = vmax(load_part(t + Vf, V - Vf, -kInf), mtv);
+  }
+  const VF inv_t = splat(c.inv_t);
+  // xs = (s - max s) / T: exactly 0 at the max (es = 1 exactly), and (s - max s) is exact near it.
+  // Where q (or p) is nearly one-hot, the gradient there is a difference of nearly equal sums
+  // that cancels cleanly only if that element's terms are exact.
+  const VF ms = splat(hmax(msv)), mt = splat(hmax(mtv));
+
+  // (2) exps and row sums; pad lanes load -inf, so their es = et = 0 (their xs - xt is NaN and
+  // every later use is masked by es > 0 or et > 0).
+  constexpr bool kStore = GRAD || K == DistillKind::kJsd;
+  Wide wzs, wzt, wacc;
+  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+    const int64_t k1 = std::min(k0 + kChunk, Vp);
+    VF azs = splat(0.f), azt = splat(0.f), aa = splat(0.f);
+    for (int64_t k = k0; k < k1; k += L) {
+      VF sv, tv;
+      if (k < Vf) {
+        sv = load(s + k);
+        tv = load(t + k);
+      } else {
+        sv = load_part(s + k, V - k, -kInf);
+        tv = load_part(t + k, V - k, -kInf);
+      }
+      const VF xs = (sv - ms) * inv_t, xt = (tv - mt) * inv_t;
+      const VF es = exp_neg(xs), et = exp_neg(xt);
+      const VF d = xs - xt;
+      azs += es;
+      azt += et;
+      if (kStore) store(bq + k, es);
+      if (K == DistillKind::kForward) {
+        aa -= keep_if(et > splat(0.f), et * d);
+        if (kStore) store(bp + k, et);
+      } else if (K == DistillKind::kReverse) {
+        aa += keep_if(es > splat(0.f), es * d);
+        if (kStore) store(bp + k, d);
+      } else {
+        store(bp + k, et);
+        store(bd + k, d);
+      }
+    }
+    wzs.add(azs);
+    wzt.add(azt);
+    wacc.add(aa);
+  }
+  const double zs = wzs.sum(), zt = wzt.sum(), acc = wacc.sum();
+  const double log_zs = std::log(zs), log_zt = std::log(zt);
+  const double tw = c.t * w;
+
+  if (K == DistillKind::kForward) {
+    const double kl = acc / zt + (log_zs - log_zt);
+    if (GRAD) {
+      const VF cq = splat(static_cast<float>(tw / zs)), cp = splat(static_cast<float>(tw / zt));
+      for (int64_t k = 0; k < Vf; k += L) store(grad + k, load(bq + k) * cq - load(bp + k) * cp);
+      if (tail) store_part(grad + Vf, load(bq + Vf) * cq - load(bp + Vf) * cp, V - Vf);
+    }
+    return static_cast<float>(c.t * c.t * kl);
+  }
+
+  if (K == DistillKind::kReverse) {
+    const double kl = acc / zs + (log_zt - log_zs);
+    if (GRAD) {
+      const VF cq = splat(static_cast<float>(tw / zs));
+      const Split off = split((log_zt - log_zs) - kl);  // q (D - KL) = q ((xs - xt) + off)
+      const VF hi = splat(off.hi), lo = splat(off.lo);
+      auto g = [&](int64_t k) {
+        const VF es = load(bq + k);
+        return keep_if(es > splat(0.f), es * cq * ((load(bp + k) + hi) + lo));
+      };
+      for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
+      if (tail) store_part(grad + Vf, g(Vf), V - Vf);
+    }
+    return static_cast<float>(c.t * c.t * kl);
+  }
+
+  // (3) JSD terms
+  const Split cd = split((log_zt - log_zs) + (double(c.log_1mb.hi) + c.log_1mb.lo) -
+                         (double(c.log_b.hi) + c.log_b.lo));
+  const VF d_hi = splat(cd.hi), d_lo = splat(cd.lo);
+  const VF lb_hi = splat(c.log_b.hi), lb_lo = splat(c.log_b.lo);
+  const VF l1b_hi = splat(c.log_1mb.hi), l1b_lo = splat(c.log_1mb.lo);
+  Wide wsp, wsq;
+  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+    const int64_t k1 = std::min(k0 + kChunk, Vp);
+    VF asp = splat(0.f), asq = splat(0.f);
+    for (int64_t k = k0; k < k1; k += L) {
+      const VF es = load(bq + k), et = load(bp + k);
+      const VF d = (load(bd + k) + d_hi) + d_lo;
+      const VF lp = log1p01(exp_neg(-vabs(d)));
+      const VF a = ((lp + lb_hi) + pos(d)) + lb_lo;
+      const VF b = ((lp + l1b_hi) + pos(-d)) + l1b_lo;
+      const VI qm = es > splat(0.f);
+      asp += keep_if(et > splat(0.f), et * a);
+      asq += keep_if(qm, es * b);
+      if (GRAD) store(bd + k, keep_if(qm, b));
+    }
+    wsp.add(asp);
+    wsq.add(asq);
+  }
+  const double sp = wsp.sum(), sq = wsq.sum();
+  const double beta = c.beta;
+  const double sq_mean = sq / zs;  // sum(q B)
+  const double jsd = -beta * (sp / zt) - (1.0 - beta) * sq_mean;
+
+  // (4) JSD gradient: T w q (h - sum(q h)) = -(1-b) T w / Zs * es * (B - sum(q B))
+  if (GRAD) {
+    const VF cg = splat(static_cast<float>(-(1.0 - beta) * tw / zs));
+    const Split cb = split(sq_mean);
+    const VF b_hi = splat(cb.hi), b_lo = splat(cb.lo);
+    auto g = [&](int64_t k) { return load(bq + k) * cg * ((load(bd + k) - b_hi) - b_lo); };
+    for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
+    if (tail) store_part(grad + Vf, g(Vf), V - Vf);
+  }
+  return static_cast<float>(c.t * c.t * jsd);
+}
+
+struct AlignedFloats {
+  float* p;
+  explicit AlignedFloats(size_t n)
+      : p(static_cast<float*>(::operator new[](n * sizeof(float), std::align_val_t(64)))) {}
+  ~AlignedFloats() { ::operator delete[](p, std::align_val_t(64)); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+};
+
+template <DistillKind K, bool GRAD>
+void distill_rows(const float* s, int64_t lds, const float* t, int64_t ldt, const float* row_weight,
+                  float* loss, float* grad, int64_t N, int64_t V, const Params& c, int nthreads) {
+  int nt = nthreads > 0 ? nthreads : get_num_threads();
+#ifndef _OPENMP
+  nt = 1;
+#endif
+  if (nt < 1) nt = 1;
+  if (N < nt) nt = static_cast<int>(std::max<int64_t>(N, 1));
+  if (N * V < (int64_t(1) << 15)) nt = 1;  // too little work to wake the pool
+  // Scratch rows one vector apart from a 4 KiB multiple, so bq[k], bp[k], bd[k] do not share an
+  // L1 set when V is a power of two.
+  const int64_t ld = simd::round_up(V, L) + L;
+  const int64_t per_thread = 3 * ld;
+  AlignedFloats buf(static_cast<size_t>(nt * per_thread));  // throws before the region, not in it
+  // Rows are independent, so dynamic scheduling (good when a core is shared) keeps the results
+  // independent of the thread count; chunks of >= 32k elements keep the scheduler's cost small.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 15) / V);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* bq = buf.p + tid * per_thread;
+    float* bp = bq + ld;
+    float* bd = bp + ld;
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < N; ++i) {
+      const double w = row_weight[i];
+      float* g = GRAD ? grad + i * V : nullptr;
+      if (w == 0.0) {  // masked row: no work at all
+        loss[i] = 0.f;
+        if (GRAD) std::memset(g, 0, static_cast<size_t>(V) * sizeof(float));
+        continue;
+      }
+      loss[i] = distill_row<K, GRAD>(s + i * lds, t + i * ldt, V, w, g, c, bq, bp, bd);
+    }
+  }
+}
+
+template <DistillKind K>
+void dispatch_grad(const float* s, int64_t lds, const float* t, int64_t ldt, const float* w,
+                   float* loss, float* grad, int64_t N, int64_t V, const Params& c, int nthreads) {
+  if (grad != nullptr)
+    distill_rows<K, true>(s, lds, t, ldt, w, loss, grad, N, V, c, nthreads);
+  else
+    distill_rows<K, false>(s, lds, t, ldt, w, loss, grad, N, V, c, nthreads);
+}
+
+}  // namespace
+
+void distill_fwd(const float* s, int64_t lds, const float* t, int64_t ldt, const float* row_weight,
+                 float* loss, float* grad, int64_t N, int64_t V, double temperature,
+                 DistillKind kind, double beta, int nthreads) {
+  if (N <= 0 || V <= 0) return;
+  Params c;
+  c.inv_t = static_cast<float>(1.0 / temperature);
+  c.t = temperature;
+  c.beta = beta;
+  const bool jsd = kind == DistillKind::kJsd;
+  c.log_b = split(jsd ? std::log(beta) : 0.0);
+  c.log_1mb = split(jsd ? std::log1p(-beta) : 0.0);
+  switch (kind) {
+    case DistillKind::kForward:
+      return dispatch_grad<DistillKind::kForward>(s, lds, t, ldt, row_weight, loss, grad, N, V, c,
+                                                  nthreads);
+    case DistillKind::kReverse:
+      return dispatch_grad<DistillKind::kReverse>(s, lds, t, ldt, row_weight, loss, grad, N, V, c,
+                                                  nthreads);
+    case DistillKind::kJsd:
+      return dispatch_grad<DistillKind::kJsd>(s, lds, t, ldt, row_weight, loss, grad, N, V, c,
+                                              nthreads);
+  }
+}
+
+}  // namespace cpu
+}  // namespace peftcore

@@ -1,0 +1,136 @@
+"""The ``cpp`` (CPU) and ``cuda`` backends of ``distill_kl``, on the kernels of ``peftcore._C``.
+
+Same contract and math as :mod:`peftcore.reference.distill`::
+
+    distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad) -> (loss_rows, grad)
+
+``s``, ``t``: ``[N, V]`` logits (student, teacher); ``row_weight``: fp32 ``[N]``; ``loss_rows``:
+fp32 ``[N]`` = ``T² · divergence`` (0 where the weight is 0); ``grad``: ``row_weight[i] ·
+∂loss_rows[i]/∂s[i]`` in s's dtype, or None unless ``need_grad``.  One kernel call computes both.
+
+* CPU (float32): one OpenMP region over rows; per row a few SIMD passes while the row sits in
+  L2 (max; exps and row sums; gradient), two exps per element and no per-element log (JSD adds
+  one exp and one division).  Masked rows (weight 0) cost nothing beyond zeroing their gradient.
+* CUDA (float32/float16/bfloat16, fp32 math): one block per row, online max/sum-exp over both
+  streams, then one (KL) or two (JSD) more reads of the row for the gradient.  Not yet run on a GPU.
+
+Measured (2-core Zen 4 with AVX-512, 2 threads, quiet machine, [4096, 32000] fp32, T = 2,
+``distill_kl(...).backward()``, torch.utils.benchmark, median of 5 interleaved rounds):
+
+==========  ==========  ====================  =====================================================
+kind        cpp         reference backend     eager: two log_softmax + F.kl_div(log_target=True)
+==========  ==========  ====================  =====================================================
+forward     0.191 s     3.39 s  (17.7x)       1.78 s (9.3x)
+reverse     0.186 s     4.18 s  (22.5x)
+jsd         0.228 s     6.44 s  (28.3x)
+==========  ==========  ====================  =====================================================
+
+The kernel alone takes 0.046 s (forward) / 0.086 s (jsd) for the loss without the gradient; most
+of the rest is the first touch of the fresh 524 MB gradient (page faults: 0.14 s into a fresh
+buffer vs 0.06 s into one already touched).
+
+The backend is picked from ``s.device``; every tensor is checked (type, dtype, device, shape,
+layout) before its address goes to C++.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..reference.distill import KINDS
+from . import load, num_threads, unavailable_reason
+
+CPU_DTYPES = (torch.float32,)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ext(cuda: bool):
+    reason = unavailable_reason(cuda=cuda)
+    if reason is not None:
+        raise RuntimeError(f"peftcore native {'cuda' if cuda else 'cpp'} backend unavailable: {reason}")
+    return load()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _rows(t: torch.Tensor) -> int:
+    """Row stride of a 2-D tensor with unit column stride (any valid value when it has <= 1 row)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _layout(t: torch.Tensor) -> torch.Tensor:
+    """t when its columns are unit-stride and its rows do not overlap (or repeat one row), else a copy."""
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        return t.contiguous()
+    if t.shape[0] > 1 and 0 < t.stride(0) < t.shape[1]:
+        return t.contiguous()
+    return t
+
+
+def _check(s, t, temperature, kind, beta, row_weight):
+    for name, x in (("s", s), ("t", t)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [N, V], got shape {tuple(x.shape)}")
+    if s.shape != t.shape:
+        raise ValueError(f"s and t must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    if s.shape[1] < 1:
+        raise ValueError(f"V (the last dimension) must be >= 1, got shape {tuple(s.shape)}")
+    if t.device != s.device:
+        raise ValueError(f"t is on {t.device} but s is on {s.device}")
+    if t.dtype != s.dtype:
+        raise TypeError(f"t has dtype {t.dtype} but s has {s.dtype}")
+    if s.device.type == "cpu":
+        if s.dtype not in CPU_DTYPES:
+            raise TypeError(f"the cpp distill kernel takes float32, got {s.dtype}")
+    elif s.device.type == "cuda":
+        if s.dtype not in CUDA_DTYPES:
+            raise TypeError(f"the cuda distill kernel takes float32, float16 or bfloat16, got {s.dtype}")
+    else:
+        raise ValueError(f"native backends run on cpu or cuda tensors, got {s.device}")
+    if not isinstance(row_weight, torch.Tensor):
+        raise TypeError(f"row_weight must be a torch.Tensor, got {type(row_weight).__name__}")
+    if row_weight.dtype != torch.float32:
+        raise TypeError(f"row_weight must be float32, got {row_weight.dtype}")
+    if row_weight.shape != (s.shape[0],):
+        raise ValueError(f"row_weight must have shape ({s.shape[0]},), got {tuple(row_weight.shape)}")
+    if row_weight.device != s.device:
+        raise ValueError(f"row_weight is on {row_weight.device} but s is on {s.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
+        raise ValueError(f"beta must be in (0, 1) for kind='jsd', got {beta!r}")
+
+
+def distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad):
+    """Row losses fp32 ``[N]`` and, if ``need_grad``, the weighted gradient ``[N, V]`` (s's dtype).
+
+    s, t: ``[N, V]`` student and teacher logits; row_weight: fp32 ``[N]``.
+    """
+    _check(s, t, temperature, kind, beta, row_weight)
+    n, v = s.shape
+    loss = torch.empty(n, dtype=torch.float32, device=s.device)
+    grad = torch.empty(n, v, dtype=s.dtype, device=s.device) if need_grad else None
+    if n == 0:
+        return loss, grad
+    s, t = _layout(s), _layout(t)
+    w = row_weight.contiguous()
+    beta = float(beta) if kind == "jsd" else 0.5
+    args = (_dtype_name(s.dtype), s.data_ptr(), _rows(s), t.data_ptr(), _rows(t), w.data_ptr(), loss.data_ptr(),
+            grad.data_ptr() if grad is not None else 0, n, v, float(temperature), kind, beta)
+    if s.is_cuda:
+        ext = _ext(cuda=True)
+        with torch.cuda.device(s.device):
+            ext.cuda_distill_fwd(*args, torch.cuda.current_stream(s.device).cuda_stream)
+    else:
+        _ext(cuda=False).distill_fwd(*args, num_threads())
+    return loss, grad
