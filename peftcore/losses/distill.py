@@ -37,7 +37,8 @@ SPEC = backends.register(
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
         why_default={
-            "cpu": "cpp: single-pass OpenMP/SIMD kernel (benchmarks/results/distill_cpu.md)",
+            "cpu": "cpp: fwd+bwd 171 ms vs torch eager 2337 ms, reference 2801 ms, torch.compile 249 ms "
+            "([4096, 32000] fp32, AMD EPYC 2 threads; benchmarks/results/distill_cpu.md)",
             "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",
         },
     )
