@@ -179,3 +179,15 @@ def num_threads() -> int:
 
 
 __all__ = ["load", "unavailable_reason", "build_info", "set_num_threads", "num_threads"]
+
+
+def require(cuda: bool):
+    """The loaded extension, or a RuntimeError saying why the cpp/cuda backend cannot run."""
+    reason = unavailable_reason(cuda=cuda)
+    if reason is not None:
+        raise RuntimeError(f"peftcore native {'cuda' if cuda else 'cpp'} backend unavailable: {reason}")
+    return load()
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")

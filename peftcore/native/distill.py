@@ -40,21 +40,10 @@ import math
 import torch
 
 from ..reference.distill import KINDS
-from . import load, num_threads, unavailable_reason
+from . import dtype_name, num_threads, require
 
 CPU_DTYPES = (torch.float32,)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _ext(cuda: bool):
-    reason = unavailable_reason(cuda=cuda)
-    if reason is not None:
-        raise RuntimeError(f"peftcore native {'cuda' if cuda else 'cpp'} backend unavailable: {reason}")
-    return load()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -125,12 +114,12 @@ def distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad):
     s, t = _layout(s), _layout(t)
     w = row_weight.contiguous()
     beta = float(beta) if kind == "jsd" else 0.5
-    args = (_dtype_name(s.dtype), s.data_ptr(), _rows(s), t.data_ptr(), _rows(t), w.data_ptr(), loss.data_ptr(),
+    args = (dtype_name(s.dtype), s.data_ptr(), _rows(s), t.data_ptr(), _rows(t), w.data_ptr(), loss.data_ptr(),
             grad.data_ptr() if grad is not None else 0, n, v, float(temperature), kind, beta)
     if s.is_cuda:
-        ext = _ext(cuda=True)
+        ext = require(cuda=True)
         with torch.cuda.device(s.device):
             ext.cuda_distill_fwd(*args, torch.cuda.current_stream(s.device).cuda_stream)
     else:
-        _ext(cuda=False).distill_fwd(*args, num_threads())
+        require(cuda=False).distill_fwd(*args, num_threads())
     return loss, grad

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.rng import dropout_threshold
-from . import load, num_threads, unavailable_reason
+from . import dtype_name, num_threads, require
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,17 +43,6 @@ CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # passes match torch's separate GEMMs on a quiet machine and beat them on a busy one (module
 # docstring); CUDA: not measured on a GPU yet, so cuBLAS does every p == 0 product.
 KERNEL_WITHOUT_DROPOUT = {"cpu": True, "cuda": False}
-
-
-def _ext(cuda: bool):
-    reason = unavailable_reason(cuda=cuda)
-    if reason is not None:
-        raise RuntimeError(f"peftcore native {'cuda' if cuda else 'cpp'} backend unavailable: {reason}")
-    return load()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _check(name: str, t: torch.Tensor, like: torch.Tensor, dims: int = 2) -> None:
@@ -113,13 +102,13 @@ def down_fwd(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> torc
     scale = 1.0 / (1.0 - p)
     xa = torch.empty(M, R, dtype=x.dtype, device=x.device)
     if x.is_cuda:
-        ext = _ext(cuda=True)
+        ext = require(cuda=True)
         with torch.cuda.device(x.device):
-            ext.cuda_down_fwd(_dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(),
+            ext.cuda_down_fwd(dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(),
                               M, K, R, seed, thr, scale, torch.cuda.current_stream(x.device).cuda_stream)
     else:
-        ext = _ext(cuda=False)
-        ext.down_fwd(_dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(),
+        ext = require(cuda=False)
+        ext.down_fwd(dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(),
                      M, K, R, seed, thr, scale, num_threads())
     return xa
 
@@ -148,21 +137,21 @@ def down_bwd(g, lora_a, x, dx, p, seed, need_a: bool):
     scale = 1.0 / (1.0 - p)
     dx_ptr, lddx = (dx.data_ptr(), _rows(dx)) if dx is not None else (0, K)
     if x.is_cuda:
-        ext = _ext(cuda=True)
+        ext = require(cuda=True)
         da32 = torch.empty(R, K, dtype=torch.float32, device=x.device) if need_a else None
         nbytes = ext.cuda_down_bwd_workspace(M, K, R) if need_a else 0
         ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if nbytes else None
         with torch.cuda.device(x.device):
             ext.cuda_down_bwd(
-                _dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), _rows(x), dx_ptr, lddx,
+                dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), _rows(x), dx_ptr, lddx,
                 da32.data_ptr() if need_a else 0, M, K, R, seed, thr, scale,
                 ws.data_ptr() if ws is not None else 0, nbytes,
                 torch.cuda.current_stream(x.device).cuda_stream,
             )
         return da32.to(lora_a.dtype) if need_a else None
-    ext = _ext(cuda=False)
+    ext = require(cuda=False)
     da = torch.empty(R, K, dtype=x.dtype) if need_a else None
-    ext.down_bwd(_dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), _rows(x), dx_ptr, lddx,
+    ext.down_bwd(dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), _rows(x), dx_ptr, lddx,
                  da.data_ptr() if need_a else 0, M, K, R, seed, thr, scale, num_threads())
     return da
 
@@ -183,8 +172,8 @@ def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed):
     if not y.is_contiguous():  # F.linear returns a fresh [M, N]; be sure before writing into it
         y = y.contiguous()
     xa = torch.empty(M, R, dtype=x.dtype)
-    _ext(cuda=False).down_fwd(
-        _dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(), M, K, R, seed,
+    require(cuda=False).down_fwd(
+        dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(), M, K, R, seed,
         dropout_threshold(p), 1.0 / (1.0 - p), num_threads(), y=y.data_ptr(), ldy=N, b=b.data_ptr(), N=N,
         scaling=float(scaling),
     )
@@ -206,8 +195,8 @@ def _cpu_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, need_x, need_a
     dx = torch.mm(dy, weight) if need_x else None  # fresh and contiguous: the kernel adds into it
     da = torch.empty(R, K, dtype=x.dtype) if need_a else None
     db = torch.empty(N, R, dtype=x.dtype) if need_b else None
-    _ext(cuda=False).lora_bwd(
-        _dtype_name(x.dtype), dy.data_ptr(), _rows(dy), b.data_ptr(), xa.data_ptr(), a.data_ptr(), x.data_ptr(),
+    require(cuda=False).lora_bwd(
+        dtype_name(x.dtype), dy.data_ptr(), _rows(dy), b.data_ptr(), xa.data_ptr(), a.data_ptr(), x.data_ptr(),
         _rows(x), dx.data_ptr() if need_x else 0, K, da.data_ptr() if need_a else 0,
         db.data_ptr() if need_b else 0, M, N, K, R, seed, dropout_threshold(p), 1.0 / (1.0 - p),
         float(scaling), num_threads(),
