@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .harness import Bench, Case, Setup, Skip, dtype_name, dtype_of
+from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of
 
 OURS = ("reference", "triton", "cpp", "cuda")
 PROVIDERS = ("torch_eager", "torch_compile", "liger") + OURS
@@ -61,22 +61,6 @@ EXTRA_COLS = (
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def csv(cast):
-    """argparse type: a comma- or space-separated list."""
-    def parse(s: str):
-        return [cast(v) for v in str(s).replace(",", " ").split() if v]
-
-    return parse
-
-
-def parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "y"):
-        return True
-    if s.lower() in ("0", "false", "no", "n"):
-        return False
-    raise ValueError(f"expected 0/1, got {s!r}")
 
 
 def eager_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -22,9 +22,9 @@ import itertools
 
 import torch
 
-from .distill import (check_tol, csv, eager_kl, evaluate_targets, kl_rows_fp64, liger_version, logits_units,
-                      parse_bool, rel_err, require_liger, warm_up)
-from .harness import Bench, Case, Setup, Skip, dtype_name, dtype_of
+from .distill import (check_tol, eager_kl, evaluate_targets, kl_rows_fp64, liger_version, logits_units, rel_err,
+                      require_liger, warm_up)
+from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of, parse_bool
 
 PROVIDERS = ("unfused_torch", "liger", "ours")
 

@@ -540,3 +540,20 @@ def read_json(path: Path) -> tuple[dict, list[dict]]:
     with open(path) as f:
         data = json.load(f)
     return data["meta"], data["rows"]
+
+
+def csv(cast):
+    """argparse type: a comma- or space-separated list of ``cast`` values."""
+    def parse(s: str):
+        return [cast(v) for v in str(s).replace(",", " ").split() if v]
+
+    return parse
+
+
+def parse_bool(s: str) -> bool:
+    """argparse type: 0/1 (or yes/no, true/false)."""
+    if s.lower() in ("1", "true", "yes", "y"):
+        return True
+    if s.lower() in ("0", "false", "no", "n"):
+        return False
+    raise ValueError(f"expected 0/1, got {s!r}")

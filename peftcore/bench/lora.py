@@ -17,7 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from .harness import Bench, Case, Setup, Skip, dtype_name, dtype_of
+from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of, parse_bool
 
 OURS = ("reference", "triton", "cpp", "cuda")
 PROVIDERS = ("floor", "hf_peft") + OURS
@@ -48,21 +48,6 @@ TARGETS = [
 ]
 
 
-def _csv(cast):
-    def parse(s: str):
-        return [cast(v) for v in str(s).replace(",", " ").split() if v]
-
-    return parse
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "y"):
-        return True
-    if s.lower() in ("0", "false", "no", "n"):
-        return False
-    raise ValueError(f"expected 0/1, got {s!r}")
-
-
 class LoRABench(Bench):
     op = "lora"
     floor = "floor"
@@ -72,15 +57,15 @@ class LoRABench(Bench):
 
     def add_args(self, p) -> None:
         g = p.add_argument_group("lora filters (comma-separated lists; each replaces the preset's list)")
-        g.add_argument("--tokens", type=_csv(int), help="token counts M, e.g. 2048,8192")
-        g.add_argument("--in", dest="in_features", type=_csv(int),
+        g.add_argument("--tokens", type=csv(int), help="token counts M, e.g. 2048,8192")
+        g.add_argument("--in", dest="in_features", type=csv(int),
                        help="input features; selects the preset's (in,out) pairs with this in "
                             "(given --out-features too and no pair matches: every --in x --out-features pair)")
-        g.add_argument("--out-features", "--out-f", dest="out_features", type=_csv(int),
+        g.add_argument("--out-features", "--out-f", dest="out_features", type=csv(int),
                        help="output features (like --in)")
-        g.add_argument("--r", type=_csv(int), help="LoRA ranks")
-        g.add_argument("--dropout", type=_csv(float), help="LoRA dropout probabilities")
-        g.add_argument("--bias", type=_csv(_bool), help="base linear has a bias: 0 and/or 1")
+        g.add_argument("--r", type=csv(int), help="LoRA ranks")
+        g.add_argument("--dropout", type=csv(float), help="LoRA dropout probabilities")
+        g.add_argument("--bias", type=csv(parse_bool), help="base linear has a bias: 0 and/or 1")
 
     # ------------------------------------------------------------------ cases
 
