@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rng import _keep_mask, _row_keys, seed_key, threshold
+from ..reference.rng import dropout_threshold as threshold
+from .rng import _keep_mask, _row_keys, seed_key
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CONFIG_ENV = "PEFTCORE_TRITON_LORA_CONFIG"

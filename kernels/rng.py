@@ -19,7 +19,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..reference.rng import dropout_threshold as threshold
 from ..reference.rng import hash32_int
 
 

@@ -105,7 +105,7 @@ def _ref_mask(row0, col0, M, K, seed, p):
 def test_mask_bit_exact(seed, p):
     M, K = 19, 37
     out = torch.empty((M, K), dtype=torch.int8, device=DEV)
-    _mask_kernel[(2, 3)](out, 0, 0, M, K, trng.seed_key(seed), trng.threshold(p), BM=16, BK=16)
+    _mask_kernel[(2, 3)](out, 0, 0, M, K, trng.seed_key(seed), rrng.dropout_threshold(p), BM=16, BK=16)
     assert torch.equal(out.bool().cpu(), rrng.keep_mask(M, K, seed, p))
 
 
@@ -113,7 +113,7 @@ def test_mask_bit_exact_large_indices():
     # Row and column indices near the top of the int32 range: the uint32 casts must not sign-extend.
     M, K, row0, col0 = 7, 21, 2**31 - 7, 2**24 - 5
     out = torch.empty((M, K), dtype=torch.int8, device=DEV)
-    _mask_kernel[(1, 2)](out, row0, col0, M, K, trng.seed_key(123457), trng.threshold(0.3), BM=16, BK=16)
+    _mask_kernel[(1, 2)](out, row0, col0, M, K, trng.seed_key(123457), rrng.dropout_threshold(0.3), BM=16, BK=16)
     assert torch.equal(out.bool().cpu(), _ref_mask(row0, col0, M, K, 123457, 0.3))
 
 
