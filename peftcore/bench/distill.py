@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of
+from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of, require_backend
 
 OURS = ("reference", "triton", "cpp", "cuda")
 PROVIDERS = ("torch_eager", "torch_compile", "liger") + OURS
@@ -260,19 +260,9 @@ class DistillBench(Bench):
 
     @staticmethod
     def _ours(prov: str, device, dt):
-        from .. import backends
         from ..losses import distill_kl
 
-        if prov == "triton" and device.type == "cpu":
-            raise Skip("triton on CPU runs only under the interpreter (TRITON_INTERPRET=1), "
-                       "which is a correctness path, not a performance path")
-        reason = backends.why_not("distill_kl", prov, device, dt)
-        if reason:
-            raise Skip(reason)
-        try:
-            backends.implementation("distill_kl", prov)
-        except ImportError as e:
-            raise Skip(f"{prov} backend does not import: {e}") from None
+        require_backend("distill_kl", prov, device, dt)
 
         def forward(s, t, temp):
             return distill_kl(s, t, temp, reduction="batchmean", backend=prov)

@@ -557,3 +557,19 @@ def parse_bool(s: str) -> bool:
     if s.lower() in ("0", "false", "no", "n"):
         return False
     raise ValueError(f"expected 0/1, got {s!r}")
+
+
+def require_backend(op: str, backend: str, device, dtype) -> None:
+    """Raise Skip (with the registry's reason) unless peftcore's ``backend`` of ``op`` can be timed here."""
+    from .. import backends
+
+    if backend == "triton" and device.type == "cpu":
+        raise Skip("triton on CPU runs only under the interpreter (TRITON_INTERPRET=1), "
+                   "which is a correctness path, not a performance path")
+    reason = backends.why_not(op, backend, device, dtype)
+    if reason:
+        raise Skip(reason)
+    try:
+        backends.implementation(op, backend)
+    except ImportError as e:
+        raise Skip(f"{backend} backend does not import: {e}") from None

@@ -17,7 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of, parse_bool
+from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of, require_backend, parse_bool
 
 OURS = ("reference", "triton", "cpp", "cuda")
 PROVIDERS = ("floor", "hf_peft") + OURS
@@ -141,19 +141,9 @@ class LoRABench(Bench):
 
         if prov not in OURS:
             raise Skip(f"unknown provider {prov!r}")
-        from .. import backends
         from ..ops import lora_linear
 
-        if prov == "triton" and device.type == "cpu":
-            raise Skip("triton on CPU runs only under the interpreter (TRITON_INTERPRET=1), "
-                       "which is a correctness path, not a performance path")
-        reason = backends.why_not("lora_linear", prov, device, dt)
-        if reason:
-            raise Skip(reason)
-        try:
-            backends.implementation("lora_linear", prov)
-        except ImportError as e:
-            raise Skip(f"{prov} backend does not import: {e}") from None
+        require_backend("lora_linear", prov, device, dt)
         a = (torch.randn(r, k, device=device) / k**0.5).to(dt).requires_grad_(True)
         bb = (torch.randn(n, r, device=device) / r**0.5).to(dt).requires_grad_(True)
         seed = SEED if p > 0 else None

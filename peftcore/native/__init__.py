@@ -191,3 +191,15 @@ def require(cuda: bool):
 
 def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def check_device_dtype(what: str, t, cpu_dtypes, cuda_dtypes) -> None:
+    """TypeError/ValueError unless ``t`` is on the CPU or a CUDA device with a dtype ``what`` takes there."""
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"native backends run on cpu or cuda tensors, got {t.device}")
+    cpu = t.device.type == "cpu"
+    allowed = cpu_dtypes if cpu else cuda_dtypes
+    if t.dtype not in allowed:
+        names = [dtype_name(d) for d in allowed]
+        names = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise TypeError(f"the {'cpp' if cpu else 'cuda'} {what} takes dtype {names}, got {t.dtype}")

@@ -40,7 +40,7 @@ import math
 import torch
 
 from ..reference.distill import KINDS
-from . import dtype_name, num_threads, require
+from . import check_device_dtype, dtype_name, num_threads, require
 
 CPU_DTYPES = (torch.float32,)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,14 +74,7 @@ def _check(s, t, temperature, kind, beta, row_weight):
         raise ValueError(f"t is on {t.device} but s is on {s.device}")
     if t.dtype != s.dtype:
         raise TypeError(f"t has dtype {t.dtype} but s has {s.dtype}")
-    if s.device.type == "cpu":
-        if s.dtype not in CPU_DTYPES:
-            raise TypeError(f"the cpp distill kernel takes float32, got {s.dtype}")
-    elif s.device.type == "cuda":
-        if s.dtype not in CUDA_DTYPES:
-            raise TypeError(f"the cuda distill kernel takes float32, float16 or bfloat16, got {s.dtype}")
-    else:
-        raise ValueError(f"native backends run on cpu or cuda tensors, got {s.device}")
+    check_device_dtype("distill kernel", s, CPU_DTYPES, CUDA_DTYPES)
     if not isinstance(row_weight, torch.Tensor):
         raise TypeError(f"row_weight must be a torch.Tensor, got {type(row_weight).__name__}")
     if row_weight.dtype != torch.float32:

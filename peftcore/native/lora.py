@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.rng import dropout_threshold
-from . import dtype_name, num_threads, require
+from . import check_device_dtype, dtype_name, num_threads, require
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -62,14 +62,7 @@ def _check_x(x: torch.Tensor) -> None:
         raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[1] > 1 and x.stride(1) != 1:
         raise ValueError(f"x must have a unit column stride, got strides {x.stride()}")
-    if x.device.type == "cuda":
-        if x.dtype not in CUDA_DTYPES:
-            raise TypeError(f"cuda backend takes float32, float16 or bfloat16, got {x.dtype}")
-    elif x.device.type == "cpu":
-        if x.dtype not in CPU_DTYPES:
-            raise TypeError(f"cpp backend takes float32 or float64, got {x.dtype}")
-    else:
-        raise ValueError(f"native backends run on cpu or cuda tensors, got {x.device}")
+    check_device_dtype("lora backend", x, CPU_DTYPES, CUDA_DTYPES)
 
 
 def _rows(t: torch.Tensor) -> int:
