@@ -1,11 +1,14 @@
-"""Saving and loading adapters in Hugging Face PEFT's layout.
+"""Saving and loading adapters of every method: safetensors weights plus a JSON config, by name.
 
-A directory holds ``adapter_config.json`` (PEFT's keys) and ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, so ``peft.PeftModel.from_pretrained``
-reads what peftcore writes and :func:`load_adapter` reads what PEFT writes.  Each file is written
-to a temporary file beside it, flushed and fsynced, then renamed over the target: a reader sees the
-old file or the new one, never half of one.  Loading reads safetensors only (no pickle), and checks
-every key and shape before any weight changes.
+A directory holds ``adapter_config.json`` (``peft_type`` names the method) and
+``adapter_model.safetensors`` keyed ``base_model.model.<module path>.<key>``, the keys each adapter
+host gives (:meth:`~peftcore.layers.base.AdapterHost.adapter_tensors`; they never contain the
+adapter's name, so an adapter saved as one name loads as another).  LoRA adapters are exactly Hugging
+Face PEFT's layout (``<module>.lora_A.weight`` / ``.lora_B.weight`` and PEFT's config keys), so
+``peft.PeftModel.from_pretrained`` reads what peftcore writes and :func:`load_adapter` reads what
+PEFT writes.  Each file is written to a temporary file beside it, flushed and fsynced, then renamed
+over the target: a reader sees the old file or the new one, never half of one.  Loading reads
+safetensors only (no pickle), and checks every key and shape before any weight changes.
 """
 
 from __future__ import annotations
@@ -13,18 +16,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .model import adapter_configs, apply, lora_layers
-from .tuners.lora import LoRAConfig
+from .model import adapter_configs, apply, delete_adapter, hosts
+from .tuners import method_for_config, method_for_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# PEFT may keep the adapter's name in a LoRA key (".lora_A.<name>.weight"); we write it without.
+_PEFT_NAMED = re.compile(r"\.(lora_A|lora_B)\.[^.]+\.weight$")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -41,22 +47,28 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors of adapter ``name`` (contiguous CPU copies)."""
-    out = {}
-    for mod_name, layer in lora_layers(model):
-        if name in layer.lora_A:
-            for part in ("lora_A", "lora_B"):
-                w = getattr(layer, part)[name].weight
-                out[f"{PREFIX}{mod_name}.{part}.weight"] = w.detach().to("cpu").contiguous().clone()
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The parameters of adapter ``name`` by their key on disk (``base_model.model.<path>.<key>``)."""
+    out: dict[str, nn.Parameter] = {}
+    for path, host in hosts(model):
+        if name in host.adapter_names():
+            for key, p in host.adapter_tensors(name).items():
+                out[f"{PREFIX}{path}.{key}" if path else f"{PREFIX}{key}"] = p
     return out
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Tensors of adapter ``name`` keyed as on disk (contiguous CPU copies)."""
+    return {k: p.detach().to("cpu").contiguous().clone() for k, p in adapter_parameters(model, name).items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write adapter ``name`` (default: the only adapter, or ``"default"``) to directory ``path``.
 
-    Returns the directory.  Creates it if needed; replaces an adapter already there atomically,
-    file by file (weights first, then the config that names them).
+    Any method: ``adapter_config.json`` (its ``peft_type`` names the method; for LoRA exactly
+    PEFT's file) and ``adapter_model.safetensors``.  Returns the directory.  Creates it if needed;
+    replaces an adapter already there atomically, file by file (weights first, then the config
+    that names them).
     """
     from safetensors.torch import save
 
@@ -68,16 +80,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if name not in configs:
         raise KeyError(f"model has no adapter named {name!r} (has {sorted(configs)})")
     config = configs[name]
+    cfg = method_for_config(config).to_json(config, model, name)
     tensors = adapter_state_dict(model, name)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    layers = [(n, layer) for n, layer in lora_layers(model) if name in layer.lora_A]
-    # Record what the layers are, not what the config left to detection: PEFT reads these keys.
-    targets = config.target_modules or sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
-    cfg = config.to_peft_dict(target_modules=targets)
-    cfg["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in layers)
-    if cfg.get("base_model_name_or_path") is None:
-        cfg["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     payload = save(tensors, metadata={"format": "pt"})
     _atomic_write(path / WEIGHTS_NAME, lambda f: f.write(payload))
     text = json.dumps(cfg, indent=2, sort_keys=True).encode()
@@ -85,7 +91,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     return path
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+def read_adapter(path: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor]]:
     """Read and validate an adapter directory without touching any model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -104,7 +110,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
         raw = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
-    config = LoRAConfig.from_peft_dict(raw, source=str(cfg_file))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    config = method_for_type(raw.get("peft_type", "LORA"), str(cfg_file)).from_json(raw, str(cfg_file))
     try:
         tensors = load_file(str(w_file))
     except (SafetensorError, OSError, ValueError) as e:
@@ -113,45 +121,33 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
 
 
 def _match_keys(model: nn.Module, name: str, tensors: dict, source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = dict(lora_layers(model))
+    expected = adapter_parameters(model, name)
     pairs, seen = [], set()
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{source}: key {key!r} does not start with {PREFIX!r} (PEFT's layout)")
-        rest = key[len(PREFIX):]
-        # PEFT may keep the adapter name in the key (".lora_A.<name>.weight"); accept both.
-        for part in ("lora_A", "lora_B"):
-            for suffix in (f".{part}.weight", f".{part}.{name}.weight"):
-                if rest.endswith(suffix):
-                    mod = rest[: -len(suffix)]
-                    break
-            else:
-                continue
-            break
-        else:
-            raise ValueError(f"{source}: unsupported key {key!r} (only lora_A/lora_B weights load)")
-        layer = layers.get(mod)
-        if layer is None or name not in layer.lora_A:
+        k = key if key in expected else _PEFT_NAMED.sub(r".\1.weight", key)
+        target = expected.get(k)
+        if target is None:
             raise ValueError(
-                f"{source}: adapter was saved for another model: {mod!r} has no LoRA layer here"
+                f"{source}: adapter was saved for another model: {key!r} has no counterpart here "
+                f"(this model's adapter {name!r} has e.g. {sorted(expected)[:2]})"
             )
-        target = getattr(layer, part)[name].weight
         if tuple(target.shape) != tuple(value.shape):
             raise ValueError(
                 f"{source}: adapter was saved for another model: {key} has shape {tuple(value.shape)}, "
                 f"this model expects {tuple(target.shape)}"
             )
         pairs.append((target, value))
-        seen.add((mod, part))
-    missing = [f"{m}.{p}" for m, layer in layers.items() if name in layer.lora_A
-               for p in ("lora_A", "lora_B") if (m, p) not in seen]
+        seen.add(k)
+    missing = [k[len(PREFIX):] for k in expected if k not in seen]
     if missing:
         raise ValueError(f"{source}: adapter is missing weights for {missing[:4]} (saved for another model?)")
     return pairs
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True) -> nn.Module:
-    """Load the adapter in directory ``path`` (saved by peftcore or PEFT) into ``model`` as ``name``.
+    """Load the adapter in directory ``path`` (saved by peftcore, or a LoRA saved by PEFT) as ``name``.
 
     If the model has no adapter ``name`` yet, it is injected from the saved config first.  Every
     key and shape is checked before any weight is written; on an error the model is unchanged
@@ -161,15 +157,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     source = str(Path(path) / WEIGHTS_NAME)
     injected = name not in adapter_configs(model)
     if injected:
-        # Saved weights replace the initialization; PiSSA must not rewrite the base weights here.
-        config.init = "default"
         apply(model, config, name=name, activate=activate)
     try:
         pairs = _match_keys(model, name, tensors, source)
     except Exception:
         if injected:
-            from .model import delete_adapter
-
             delete_adapter(model, name)
         raise
     with torch.no_grad():

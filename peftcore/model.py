@@ -1,21 +1,38 @@
-"""Model-level adapter management: apply, activate, disable, merge, count."""
+"""Model-level adapter management for every method: apply, activate, train, disable, merge, delete.
+
+Everything here goes through the adapter hosts of a model (modules that are
+:class:`~peftcore.layers.base.AdapterHost`: LoRA layers, bottleneck slots, prompt encoders) and the
+method registry (:mod:`peftcore.tuners`), so it works the same for LoRA, bottleneck adapters,
+Compacter, prompt and prefix tuning, and for several of them on one model.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
 
+from .layers.base import AdapterHost, Stack, filter_spec
 from .layers.lora import LoRALinear
-from .tuners.lora import LoRAConfig, inject_lora
+from .tuners import method_for_config
 
 _CONFIGS = "_peftcore_configs"
+_ACTIVE = "_peftcore_active"
+BASE = "__base__"  # in adapter_batch: this example runs the base model alone
 
 
 def adapter_configs(model: nn.Module) -> dict:
     """``{adapter name: config}`` of the adapters applied to ``model``."""
     return getattr(model, _CONFIGS, {})
+
+
+def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterHost]]:
+    """``(qualified name, module)`` of every adapter host in ``model``."""
+    for n, m in model.named_modules():
+        if isinstance(m, AdapterHost):
+            yield n, m
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -24,84 +41,133 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield n, m
 
 
+def _set_configs(model: nn.Module, configs: dict) -> None:
+    object.__setattr__(model, _CONFIGS, configs)
+
+
 def apply(model: nn.Module, config, name: str = "default", activate: bool = True) -> nn.Module:
     """Add adapter ``name`` described by ``config`` to ``model`` in place and return the model.
 
+    ``config`` is any peftcore config (:class:`LoRAConfig`, :class:`BottleneckConfig`,
+    :class:`CompacterConfig`, :class:`PromptTuningConfig`, :class:`PrefixTuningConfig`).
     Afterwards only the parameters of adapter ``name`` are trainable (every base parameter and
     every other adapter is frozen); with ``activate`` the new adapter becomes the active one.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    if not isinstance(name, str) or not name or "." in name or name == BASE:
+        raise ValueError(f"adapter name must be a non-empty string without dots (not {BASE!r}), got {name!r}")
     if name in adapter_configs(model):
         raise ValueError(f"model already has an adapter named {name!r}")
-    if isinstance(config, LoRAConfig):
-        targets = inject_lora(model, config, name)
-    else:
-        raise TypeError(f"config must be a peftcore config such as LoRAConfig, got {type(config).__name__}")
-    configs = dict(adapter_configs(model))
-    configs[name] = config
-    object.__setattr__(model, _CONFIGS, configs)
+    method = method_for_config(config)
+    targets = method.inject(model, config, name)
+    _set_configs(model, {**adapter_configs(model), name: config})
     object.__setattr__(model, "_peftcore_targets", {**getattr(model, "_peftcore_targets", {}), name: targets})
-    mark_trainable(model, name)
+    train_adapter(model, name)
     if activate:
         set_active(model, name)
     return model
-
-
-def mark_trainable(model: nn.Module, name: str) -> None:
-    """Freeze everything in ``model`` except the parameters of adapter ``name``."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        if name in layer.lora_A:
-            layer.lora_A[name].weight.requires_grad_(True)
-            layer.lora_B[name].weight.requires_grad_(True)
 
 
 def _names(names) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-def set_active(model: nn.Module, names) -> None:
-    """Make ``names`` (one adapter name or a list) the active adapters of every layer holding them."""
-    names = _names(names)
+def _check_known(model: nn.Module, names) -> None:
     known = adapter_configs(model)
     missing = [n for n in names if n not in known]
     if missing:
         raise KeyError(f"model has no adapter named {missing[0]!r} (has {sorted(known)})")
-    for _, layer in lora_layers(model):
-        layer.set_active([n for n in names if n in layer.lora_A])
 
 
-def active_adapters(model: nn.Module) -> list[str]:
+def train_adapter(model: nn.Module, names) -> None:
+    """Make the parameters of adapters ``names`` (one name, a list or a Stack) the only trainable ones.
+
+    Everything else (the base model and every other adapter) is frozen: train a task adapter on
+    top of a frozen language adapter with ``train_adapter(model, "task")`` after
+    ``set_active(model, Stack("lang_en", "task"))``.
+    """
+    names = _names(names)
+    _check_known(model, names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, host in hosts(model):
+        for n in names:
+            if n in host.adapter_names():
+                for p in host.trainable_tensors(n).values():
+                    p.requires_grad_(True)
+
+
+mark_trainable = train_adapter  # the name before adapters other than LoRA existed
+
+
+def set_active(model: nn.Module, names) -> None:
+    """Make ``names`` the active adapters: one name, a list, or a :class:`Stack`.
+
+    Each host receives the specification restricted to the adapters it holds: LoRA terms add up,
+    bottleneck adapters of a Stack run one after another (``Stack("lang_de", "task")`` swaps the
+    language under a task adapter: zero-shot cross-lingual transfer), and at most one prompt or
+    prefix adapter can be active.  An empty list deactivates every adapter.
+    """
+    spec = names if isinstance(names, Stack) else _names(names)
+    _check_known(model, spec)
+    for _, host in hosts(model):
+        host.set_active(filter_spec(spec, host.adapter_names()))
+    object.__setattr__(model, _ACTIVE, spec)
+
+
+def active_adapters(model: nn.Module):
+    """The active adapters as last set: a list of names, or the :class:`Stack` given."""
+    spec = getattr(model, _ACTIVE, None)
+    if spec is not None:
+        return spec
     act: list[str] = []
-    for _, layer in lora_layers(model):
-        act += [n for n in layer.active if n not in act]
+    for _, host in hosts(model):
+        act += [n for n in host.active if n not in act]
     return act
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base model alone inside the block (merged adapters are unmerged and re-merged)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    remerge = {id(layer): list(layer.merged) for layer in layers}
-    for layer in layers:
-        layer.unmerge()
-        layer.disabled = True
+    """Run the base model alone inside the block (merged LoRA adapters are unmerged and re-merged)."""
+    all_hosts = [host for _, host in hosts(model)]
+    remerge = {id(h): list(h.merged) for h in all_hosts if isinstance(h, LoRALinear)}
+    for h in all_hosts:
+        if isinstance(h, LoRALinear):
+            h.unmerge()
+        h.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
-            layer.merge(remerge[id(layer)])
+        for h in all_hosts:
+            h.disabled = False
+            if isinstance(h, LoRALinear):
+                h.merge(remerge[id(h)])
+
+
+def _lora_only(model: nn.Module, names, what: str) -> None:
+    configs = adapter_configs(model)
+    from .tuners.lora import LoRAConfig
+
+    other = [n for n in names if not isinstance(configs[n], LoRAConfig)]
+    if other:
+        raise ValueError(
+            f"{what} works on LoRA adapters only; {other[0]!r} is a {type(configs[other[0]]).__name__} adapter"
+        )
 
 
 def merge(model: nn.Module, names=None) -> nn.Module:
-    """Fold adapters (default: the active ones) into the base weights; the forward then skips them."""
+    """Fold LoRA adapters (default: the active ones) into the base weights; the forward then skips them.
+
+    Adapters with a non-linearity (bottleneck, Compacter) and prompts cannot be folded into a weight:
+    naming one is an error; with ``names=None`` they simply stay active.
+    """
+    if names is not None:
+        names = _names(names)
+        _check_known(model, names)
+        _lora_only(model, names, "merge")
     for _, layer in lora_layers(model):
-        layer.merge(None if names is None else [n for n in _names(names) if n in layer.lora_A])
+        layer.merge(None if names is None else [n for n in names if n in layer.lora_A])
     return model
 
 
@@ -113,19 +179,22 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; a layer left with no adapter becomes its original module again."""
+    """Remove adapter ``name``; a host left with no adapter leaves the model (LoRA layers become
+    their original modules again, hooks are removed)."""
     if name not in adapter_configs(model):
         raise KeyError(f"model has no adapter named {name!r}")
-    for mod_name, layer in list(lora_layers(model)):
-        if name in layer.lora_A:
-            layer.delete_adapter(name)
-            if not layer.lora_A:  # last adapter gone: put the original module back
-                parent_name, _, child = mod_name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, layer.base_layer)
+    for path, host in list(hosts(model)):
+        if name in host.adapter_names():
+            host.delete_adapter(name)
+            if not host.has_adapters():
+                host.detach_from(model, path)
     configs = dict(adapter_configs(model))
     del configs[name]
-    object.__setattr__(model, _CONFIGS, configs)
+    _set_configs(model, configs)
+    spec = getattr(model, _ACTIVE, None)
+    if spec is not None and name in spec:
+        kept = [n for n in spec if n != name]
+        object.__setattr__(model, _ACTIVE, Stack(*kept) if isinstance(spec, Stack) and kept else kept)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -133,3 +202,43 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names):
+    """Inside the block, example ``e`` of each forward runs LoRA adapter ``names[e]``.
+
+    ``names`` has one entry per example of the batch (dim 0 of the inputs): a LoRA adapter name, or
+    ``"__base__"`` (or None) for the base model alone.  Every LoRA layer gathers each example's
+    adapter from a stack of the adapters named, in one kernel (:func:`peftcore.ops.lora_mixed_linear`,
+    punica's BGMV/SGMV idea) rather than a Python loop over adapters.  A layer an adapter does not
+    target runs the base for that adapter's examples.
+
+    For serving: the stacks are copies made on entry (no gradient reaches the adapters, no dropout),
+    and merged adapters are refused.  Adapters of other kinds keep their usual activation.
+    """
+    names = [BASE if n is None else n for n in _names(names)]
+    if not names:
+        raise ValueError("adapter_batch needs one adapter name per example, got an empty list")
+    used = [n for n in dict.fromkeys(names) if n != BASE]
+    _check_known(model, used)
+    _lora_only(model, used, "adapter_batch")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("adapter_batch needs unmerged adapters: call peftcore.unmerge(model) first")
+    if any(layer.mixed is not None for layer in layers):
+        raise RuntimeError("adapter_batch blocks cannot be nested")
+    try:
+        for layer in layers:
+            here = [n for n in used if n in layer.lora_A]
+            if not here:  # no adapter of this batch targets the layer: every example runs the base
+                layer.mixed = ()
+                continue
+            pos = {n: j for j, n in enumerate(here)}
+            a, b, s = layer.stack_adapters(here)
+            index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int64, device=a.device)
+            layer.mixed = (a, b, s, index)
+        yield model
+    finally:
+        for layer in layers:
+            layer.mixed = None

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from ..ops.lora import lora_linear
+from ..ops.lora_mixed import lora_mixed_linear
 from ..reference.lora import dropout as _ref_dropout
 from ..reference.rng import new_seed
+from .base import AdapterHost, check_active
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(nn.Module, AdapterHost):
     """Wraps ``base_layer`` (kept frozen) and holds adapters by name.
 
     Args:
@@ -45,6 +47,9 @@ class LoRALinear(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        # Set by peftcore.adapter_batch: (lora_a [J,R,in], lora_b [J,out,R], scaling [J], index [B]),
+        # or () when no adapter of the batch is on this layer.
+        self.mixed: tuple | None = None
 
     # --- adapters --------------------------------------------------------------------------
     def add_adapter(self, name: str, config) -> None:
@@ -98,11 +103,22 @@ class LoRALinear(nn.Module):
             d.pop(name, None)
         self.active = [n for n in self.active if n != name]
 
-    def set_active(self, names: list[str]) -> None:
-        missing = [n for n in names if n not in self.lora_A]
-        if missing:
-            raise KeyError(f"no adapter named {missing[0]!r} on this layer (has {sorted(self.lora_A)})")
-        self.active = list(names)
+    def set_active(self, spec) -> None:
+        """Activate the adapters in ``spec`` (a list or Stack; LoRA terms add, so order is moot)."""
+        self.active = check_active(self, spec)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """PEFT's keys: ``lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]``."""
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def detach_from(self, model: nn.Module, path: str) -> None:
+        """The last adapter is gone: put the original module back in place of this wrapper."""
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, self.base_layer)
 
     # --- weights ---------------------------------------------------------------------------
     def weight_out_in(self) -> torch.Tensor:
@@ -121,6 +137,18 @@ class LoRALinear(nn.Module):
         d = delta_out_in.t() if self.fan_in_fan_out else delta_out_in
         w.copy_((w.float() + d).to(w.dtype))
 
+    def stack_adapters(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lora_a [J, R, in], lora_b [J, out, R], scaling [J])`` for ``names``, ranks zero-padded
+        to the largest; the layout :func:`peftcore.ops.lora_mixed_linear` takes."""
+        w = self.base_layer.weight
+        r = max(self.r[n] for n in names)
+        a = w.new_zeros(len(names), r, self.in_features)
+        b = w.new_zeros(len(names), self.out_features, r)
+        for j, n in enumerate(names):
+            a[j, : self.r[n]] = self.lora_A[n].weight.detach()
+            b[j, :, : self.r[n]] = self.lora_B[n].weight.detach()
+        return a, b, torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=w.device)
+
     def merge(self, names: list[str] | None = None) -> None:
         """Fold the adapters into the base weight (default: the active ones not yet merged)."""
         for name in names if names is not None else self.active:
@@ -138,6 +166,11 @@ class LoRALinear(nn.Module):
         names = [] if self.disabled else [n for n in self.active if n not in self.merged]
         if self.disabled and self.merged:
             raise RuntimeError("adapters are merged into the base weight: unmerge before disabling them")
+        if self.mixed is not None and not self.disabled:
+            if not self.mixed:
+                return self.base_layer(x)
+            w = self.weight_out_in()
+            return lora_mixed_linear(x.to(w.dtype), w, self.base_layer.bias, *self.mixed)
         if not names:
             return self.base_layer(x)
         w = self.weight_out_in()

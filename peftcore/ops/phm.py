@@ -1,0 +1,127 @@
+"""``phm_linear``: y = x H + b with H = Σᵢ kron(rule[i], W_left[i] W_right[i]), never built.
+
+See :mod:`peftcore.reference.phm` for the contraction every backend computes and the backend
+contract.  Saved for backward: x (its 2-D view) and the small intermediate t ``[M, n, n, k]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backends
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+SPEC = backends.register(
+    backends.OpSpec(
+        name="phm_linear",
+        modules={
+            "reference": "peftcore.reference.phm",
+            "triton": "peftcore.kernels.phm",
+            "cpp": "peftcore.native.phm",
+            "cuda": "peftcore.native.phm",
+        },
+        dtypes={
+            "reference": FLOATS + (torch.float64,),
+            "triton": FLOATS,
+            "cpp": (torch.float32, torch.float64),
+            "cuda": FLOATS,
+        },
+        defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
+        why_default={
+            "cpu": "not yet measured",
+            "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",
+        },
+    )
+)
+
+
+class _PHMLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, rule, w_left, w_right, bias, impl):
+        y2, t = impl.phm_fwd(x2, rule, w_left, w_right, bias)
+        ctx.save_for_backward(x2, t, rule, w_left, w_right)
+        ctx.impl, ctx.has_bias = impl, bias is not None
+        return y2
+
+    @staticmethod
+    def backward(ctx, dy2):
+        x2, t, rule, w_left, w_right = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = (n[0], n[1], n[2], n[3], n[4] and ctx.has_bias)
+        dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+        dx, drule, dwl, dwr, db = ctx.impl.phm_bwd(dy2, x2, t, rule, w_left, w_right, needs)
+        return dx, drule, dwl, dwr, db, None
+
+
+def check_phm_shapes(in_features: int, out_features: int, phm_dim: int, what: str = "phm_dim") -> None:
+    """Clear error when ``phm_dim`` does not divide both widths (configs and the op share it)."""
+    for side, width in (("in_features", in_features), ("out_features", out_features)):
+        if width % phm_dim:
+            raise ValueError(
+                f"{what}={phm_dim} must divide {side}={width} (PHM splits each width into {what} blocks)"
+            )
+
+
+def _check(x, rule, w_left, w_right, bias):
+    for name, t in (("x", x), ("rule", rule), ("w_left", w_left), ("w_right", w_right)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if rule.dim() != 3 or not (rule.shape[0] == rule.shape[1] == rule.shape[2]) or rule.shape[0] < 1:
+        raise ValueError(f"rule must be [n, n, n] with n = phm_dim >= 1, got shape {tuple(rule.shape)}")
+    n = rule.shape[0]
+    if w_left.dim() != 3 or w_left.shape[0] != n or w_left.shape[2] < 1:
+        raise ValueError(f"w_left must be [n={n}, in/n, rank], got shape {tuple(w_left.shape)}")
+    p, k = w_left.shape[1], w_left.shape[2]
+    if x.dim() < 1 or x.shape[-1] != n * p:
+        if x.dim() >= 1 and x.shape[-1] % n:
+            raise ValueError(f"phm_dim={n} must divide x's last dim {x.shape[-1]}")
+        raise ValueError(
+            f"x must have last dim in = n·P = {n}·{p} = {n * p} (w_left is {tuple(w_left.shape)}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if w_right.dim() != 3 or w_right.shape[0] != n or w_right.shape[1] != k or w_right.shape[2] < 1:
+        raise ValueError(f"w_right must be [n={n}, rank={k}, out/n], got shape {tuple(w_right.shape)}")
+    out_f = n * w_right.shape[2]
+    tensors = {"rule": rule, "w_left": w_left, "w_right": w_right}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias must be [out={out_f}], got shape {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share a dtype")
+
+
+def phm_linear(x, rule, w_left, w_right, bias=None, backend=None):
+    """PHM linear (Compacter): ``x @ Σᵢ kron(rule[i], w_left[i] @ w_right[i]) + bias``.
+
+    Args:
+        x: ``[..., in]``; any leading dims, any strides.
+        rule: ``[n, n, n]`` (n = phm_dim), usually shared by every PHM layer of an adapter.
+        w_left: ``[n, in/n, rank]``; w_right: ``[n, rank, out/n]``.
+        bias: ``[out]`` or None.
+        backend: ``"reference" | "triton" | "cpp" | "cuda"`` or None for the registry's choice.
+
+    Returns ``[..., out]`` in x's dtype (fp32 accumulation for half inputs).  Gradients flow to x,
+    rule, w_left, w_right and bias; the Kronecker product H ``[in, out]`` is never formed.
+    """
+    _check(x, rule, w_left, w_right, bias)
+    name = backends.select("phm_linear", x.device, x.dtype, backend)
+    impl = backends.implementation("phm_linear", name)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    # The factors are small: hand the kernels contiguous copies (autograd sees through it).
+    rule, w_left, w_right = rule.contiguous(), w_left.contiguous(), w_right.contiguous()
+    y2 = _PHMLinearFn.apply(x2, rule, w_left, w_right, bias, impl)
+    return y2.reshape(*lead, rule.shape[0] * w_right.shape[2])

@@ -1,0 +1,86 @@
+"""The registry of adapter methods: how ``apply``, ``save_adapter`` and ``load_adapter`` reach them.
+
+Each method package (``peftcore.tuners.lora``, ``.bottleneck``, ``.prompt``, ...) registers one
+:class:`Method`: its config class, the function that injects it into a model, and the conversion of
+its config to and from the JSON written beside the weights (``adapter_config.json``, whose
+``peft_type`` names the method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adapter method.
+
+    Attributes:
+        peft_type: the ``peft_type`` written in adapter_config.json (PEFT's name where PEFT has one).
+        config: the config class users construct.
+        inject: ``inject(model, config, name) -> list[str]`` adds adapter ``name`` in place and
+            returns the qualified names of the modules it touched; it changes nothing on error.
+        to_json: ``to_json(config, model, name) -> dict`` for adapter_config.json (with peft_type).
+        from_json: ``from_json(d, source) -> config``; ``source`` names the file for errors.
+    """
+
+    peft_type: str
+    config: type
+    inject: Callable[[nn.Module, Any, str], list[str]]
+    to_json: Callable[[Any, nn.Module, str], dict]
+    from_json: Callable[[dict, str], Any]
+
+
+_BY_TYPE: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    _BY_TYPE[method.peft_type] = method
+    return method
+
+
+def methods() -> dict[str, Method]:
+    return dict(_BY_TYPE)
+
+
+def method_for_config(config) -> Method:
+    for cls in type(config).__mro__:  # a config subclass (Compacter++) uses its base's method
+        for m in _BY_TYPE.values():
+            if cls is m.config:
+                return m
+    known = ", ".join(m.config.__name__ for m in _BY_TYPE.values())
+    raise TypeError(f"config must be a peftcore config ({known}), got {type(config).__name__}")
+
+
+def method_for_type(peft_type, source: str) -> Method:
+    if peft_type not in _BY_TYPE:
+        raise ValueError(
+            f"{source}: peft_type {peft_type!r} is not a method peftcore loads (knows {sorted(_BY_TYPE)})"
+        )
+    return _BY_TYPE[peft_type]
+
+
+def dataclass_to_json(config, peft_type: str) -> dict:
+    """A dataclass config as JSON: its fields plus ``peft_type``."""
+    return {"peft_type": peft_type, **dataclasses.asdict(config)}
+
+
+def dataclass_from_json(cls, d: dict, peft_type: str, source: str):
+    """Rebuild a dataclass config from :func:`dataclass_to_json`; unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    if d.get("peft_type") != peft_type:
+        raise ValueError(f"{source}: peft_type is {d.get('peft_type')!r}, expected {peft_type!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    rest = {k: v for k, v in d.items() if k != "peft_type"}
+    unknown = sorted(set(rest) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} keys {unknown} (written by a newer peftcore?)")
+    try:
+        return cls(**rest)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: invalid {cls.__name__}: {e}") from e
