@@ -1,5 +1,19 @@
-"""nn.Modules users hold: LoRA layers (adapters, Compacter and prompts arrive in later issues)."""
+"""nn.Modules users hold: LoRA layers, bottleneck / Compacter adapters, prompt and prefix encoders."""
 
+from .base import AdapterHost, Stack
+from .bottleneck import BottleneckAdapter, BottleneckSlot, PHMLinear, PHMRuleBank
 from .lora import LoRALinear
+from .prompt import PrefixEncoder, PrefixProjection, PromptEmbeddings
 
-__all__ = ["LoRALinear"]
+__all__ = [
+    "AdapterHost",
+    "BottleneckAdapter",
+    "BottleneckSlot",
+    "LoRALinear",
+    "PHMLinear",
+    "PHMRuleBank",
+    "PrefixEncoder",
+    "PrefixProjection",
+    "PromptEmbeddings",
+    "Stack",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...layers.base import AdapterHost
 from ...layers.lora import LoRALinear
 from ..targets import is_linear, resolve_targets
 from .config import LoRAConfig
@@ -21,8 +22,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig, name: str) -> list[str]:
     that already is one gets the new adapter beside its others.  Nothing changes unless every
     target is valid.
     """
+    # Other methods' adapter modules (bottleneck projections, prefix MLPs) are never LoRA targets.
+    inside = tuple(f"{n}." for n, m in model.named_modules()
+                   if isinstance(m, AdapterHost) and not isinstance(m, LoRALinear))
     names = []
     for n in resolve_targets(model, config.target_modules, config.exclude_modules):
+        if inside and n.startswith(inside):
+            continue
         # Once wrapped, a layer's inner modules match the rules too: target the wrapper itself.
         parts = n.split(".")
         if "lora_A" in parts or "lora_B" in parts:
