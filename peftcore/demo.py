@@ -1,13 +1,18 @@
-"""``peftcore demo``: fine-tune a small pre-trained encoder three ways, distill it, and compare.
+"""``peftcore demo``: fine-tune a small pre-trained encoder many ways, distill it, and compare.
 
 On the shipped ``textcls`` intent set (``peftcore.data``), starting each time from the same
 pre-trained encoder (by default the packaged sentence-transformers all-MiniLM-L6-v2):
 
 * ``probe`` ("linear probe"): the encoder stays frozen; its mean-pooled features are computed
   once and a new linear head is trained on them.
-* ``lora`` ("lora (fused)"): ``peftcore.apply`` injects LoRA layers (the fused op
-  ``peftcore.ops.lora_linear``) into the encoder and freezes its weights; the adapters and a new
-  linear head train.
+* adapter methods, each injected by ``peftcore.apply`` with the encoder frozen, training the
+  adapter and a new linear head (``peftcore.demo_methods``):
+
+  - ``lora`` ("lora (fused)"): LoRA layers on the fused op ``peftcore.ops.lora_linear``;
+  - ``bottleneck``: residual bottleneck adapters, Houlsby placement, reduction factor 16;
+  - ``compacter`` / ``compacter++``: PHM adapters (``peftcore.ops.phm_linear``) with AdapterHub's
+    defaults, Houlsby / Pfeiffer placement;
+  - ``prompt``: 20 virtual tokens prepended to the input embeddings, initialized from a text.
 * ``full`` ("full fine-tune"): every parameter trains.
 * ``distill`` ("distilled student (2 layers)"): the full fine-tune (trained first when ``full``
   did not run before it) teaches a student made of its embeddings and 2 of its layers
@@ -37,16 +42,20 @@ import threading
 import time
 from pathlib import Path
 
+from .demo_methods import ADAPTER_METHODS, MethodError, apply_method, display_names, pooling_mask
 from .training import batches as _batches, count as _count, encode as _encode, evaluate as _evaluate
 from .training import progress_bar as _progress, train_loop as _train_loop
 
-METHODS = ("probe", "lora", "full", "distill")
-DISPLAY = {"probe": "linear probe", "lora": "lora (fused)", "full": "full fine-tune", "distill": "distilled student (2 layers)"}
+METHODS = ("probe", *ADAPTER_METHODS, "full", "distill")
 # Per-method defaults, tuned on the packaged MiniLM with 2 CPU threads (peftcore/data/README.md
 # lists the accuracies they give).  The probe trains on cached features, so its epochs are cheap.
 DEFAULTS = {
     "probe": {"epochs": 60, "lr": 3e-3, "batch_size": 32},
     "lora": {"epochs": 8, "lr": 2e-3, "batch_size": 16},
+    "bottleneck": {"epochs": 8, "lr": 1e-3, "batch_size": 16},
+    "compacter": {"epochs": 8, "lr": 3e-3, "batch_size": 16},
+    "compacter++": {"epochs": 8, "lr": 3e-3, "batch_size": 16},
+    "prompt": {"epochs": 8, "lr": 3e-2, "batch_size": 16},
     "full": {"epochs": 4, "lr": 1e-4, "batch_size": 16},
     "distill": {"epochs": 4, "lr": 2e-4, "batch_size": 16},
 }
@@ -256,7 +265,7 @@ def _classifier_cls():
 
         def features(self, input_ids, attention_mask):
             h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            m = pooling_mask(self.encoder, attention_mask, h).unsqueeze(-1).to(h.dtype)
             return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
         def forward(self, input_ids, attention_mask):
@@ -290,7 +299,7 @@ def _run_probe(clf, train, cfg, pad_id, device, seed, progress):
     opt = torch.optim.AdamW(head.parameters(), lr=cfg["lr"], weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     n, bs = len(ytr), cfg["batch_size"]
-    with _progress(cfg["epochs"] * math.ceil(n / bs), DISPLAY["probe"], progress) as bar:
+    with _progress(cfg["epochs"] * math.ceil(n / bs), "linear probe", progress) as bar:
         for _ in range(cfg["epochs"]):
             order = torch.randperm(n, generator=gen).to(device)
             for i in range(0, n, bs):
@@ -304,24 +313,6 @@ def _run_probe(clf, train, cfg, pad_id, device, seed, progress):
     return list(head.parameters())
 
 
-def _apply_lora(encoder, r, alpha, dropout, targets):
-    """LoRA through peftcore: injected in place, base frozen, only adapters trainable."""
-    try:
-        import peftcore as pc
-
-        apply, config = pc.apply, pc.LoRAConfig
-    except (ImportError, AttributeError) as e:
-        raise DemoError(f"method 'lora' needs peftcore.apply and peftcore.LoRAConfig ({e})") from None
-    cfg = config(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
-    try:
-        encoder = apply(encoder, cfg, name="default")
-    except ValueError as e:
-        raise DemoError(f"LoRA: {e} (choose layers with --lora-targets)") from None
-    if not any(p.requires_grad for p in encoder.parameters()):
-        raise DemoError(f"LoRA: target_modules={targets} left nothing trainable (choose layers with --lora-targets)")
-    return encoder
-
-
 def _hidden(enc):
     return getattr(enc.config, "hidden_size", None) or enc.get_input_embeddings().embedding_dim
 
@@ -331,7 +322,7 @@ def _train_teacher(args, model_dir, train, test, num_classes, pad_id, device, sa
     import torch
 
     cfg = _method_cfg(args, "full")
-    say(f"teacher: {DISPLAY['full']} first (epochs={cfg['epochs']} lr={cfg['lr']:g}; not counted in the row)")
+    say(f"teacher: full fine-tune first (epochs={cfg['epochs']} lr={cfg['lr']:g}; not counted in the row)")
     torch.manual_seed(args.seed)
     enc = _load_encoder(model_dir)
     clf = _classifier_cls()(enc, _hidden(enc), num_classes).to(device)
@@ -426,7 +417,8 @@ def _run_methods(args) -> list[dict]:
     say(f"device: {device}, torch threads: {torch.get_num_threads()}, seed: {args.seed}")
 
     n = args.student_layers
-    display = {**DISPLAY, "distill": f"distilled student ({n} layer{'s' if n != 1 else ''})"}
+    display = {"probe": "linear probe", **display_names(args), "full": "full fine-tune",
+               "distill": f"distilled student ({n} layer{'s' if n != 1 else ''})"}
     rows, teacher = [], None  # teacher: the full fine-tune, kept when distill runs after it
     for i, method in enumerate(args.methods):
         cfg = _method_cfg(args, method)
@@ -440,8 +432,11 @@ def _run_methods(args) -> list[dict]:
         else:
             torch.manual_seed(args.seed)
             enc = _load_encoder(model_dir)
-            if method == "lora":
-                enc = _apply_lora(enc, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+            if method in ADAPTER_METHODS:
+                try:
+                    enc = apply_method(enc, method, args, model_dir)
+                except MethodError as e:
+                    raise DemoError(str(e)) from None
             clf = TextClassifier(enc, _hidden(enc), len(names)).to(device)
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
@@ -600,6 +595,14 @@ def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.1, metavar="P", help="LoRA dropout (default 0.1)")
     p.add_argument("--lora-targets", type=_targets, default=list(LORA_TARGETS), metavar="LIST",
                    help=f"comma-separated module names or dotted suffixes, or all-linear (default: {','.join(LORA_TARGETS)})")
+    p.add_argument("--adapter-reduction", type=_positive_int, default=16, metavar="N",
+                   help="bottleneck adapter: hidden size / bottleneck width (default 16)")
+    p.add_argument("--compacter-reduction", type=_positive_int, default=32, metavar="N",
+                   help="compacter and compacter++: reduction factor (default 32, AdapterHub's)")
+    p.add_argument("--phm-dim", type=_positive_int, default=4, metavar="N",
+                   help="compacter and compacter++: PHM dimension n (default 4)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=20, metavar="N",
+                   help="prompt tuning: virtual tokens (default 20)")
     p.add_argument("--student-layers", type=_positive_int, default=2, metavar="N",
                    help="layers of the distilled student, picked uniformly from the teacher's (default 2)")
     p.add_argument("--temperature", type=float, default=2.0, metavar="T", help="distillation temperature (default 2)")

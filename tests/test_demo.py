@@ -94,23 +94,36 @@ def test_demo_end_to_end(tiny_bert, tmp_path, capsys):
     rc = _run(
         ["--model", str(tiny_bert), "--max-train", "60", "--max-test", "40", "--epochs", "2",
          "--epochs", "probe=5", "--batch-size", "16", "--no-progress", "--json", str(out), "--threads", "1",
-         "--student-layers", "1"]
+         "--student-layers", "1", "--compacter-reduction", "8", "--prompt-tokens", "4"]
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    for name in ("linear probe", "lora (fused)", "full fine-tune", "distilled student (1 layer)", "process RSS",
-                 "trainable params", "the distillation alone"):
+    names = ["linear probe", "lora (fused)", "bottleneck adapter (houlsby, 1/16)", "compacter (houlsby, phm n=4)",
+             "compacter++ (pfeiffer, phm n=4)", "prompt tuning (4 tokens)", "full fine-tune",
+             "distilled student (1 layer)"]
+    for name in (*names, "process RSS", "trainable params", "the distillation alone"):
         assert name in printed
     assert "teacher:" not in printed  # the full fine-tune row's model is the teacher
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["linear probe", "lora (fused)", "full fine-tune", "distilled student (1 layer)"]
+    assert [r["method"] for r in rows] == names
     for r in rows:
         assert set(r) == ROW_KEYS
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["seconds"] > 0
         assert 0 < r["trainable_params"] <= r["total_params"]
         assert r["peak_mem_mb"] == r["peak_mem_mb"]  # not NaN
-    probe, lora, full, distill = rows
+    probe, lora, bottleneck, compacter, compacter_pp, prompt, full, distill = rows
+    head = probe["trainable_params"]
+    # adapters: exactly their formulas on top of the head (hidden 32, 2 layers)
+    b = 32 // 16  # bottleneck width; Houlsby: 2 slots per layer of 2·h·b + b + h
+    assert bottleneck["trainable_params"] - head == 2 * 2 * (2 * 32 * b + b + 32)
+    n, w = 4, 32 // 8  # Compacter: shared rule n³, per slot a rank-1 PHM down (32->4) and up (4->32) with biases
+    phm_slot = (n * (32 // n) + n * (w // n) + w) + (n * (w // n) + n * (32 // n) + 32)
+    assert compacter["trainable_params"] - head == n**3 + 2 * 2 * phm_slot
+    assert compacter_pp["trainable_params"] - head == n**3 + 2 * phm_slot  # Pfeiffer: after the FFN only
+    assert prompt["trainable_params"] - head == 4 * 32  # 4 virtual tokens of width 32
+    for r in (bottleneck, compacter, compacter_pp, prompt):
+        assert r["total_params"] == full["total_params"] + r["trainable_params"] - head
     assert probe["trainable_params"] == 32 * 5 + 5  # the linear head alone
     assert probe["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
     assert full["trainable_params"] == full["total_params"] == probe["total_params"]
