@@ -14,6 +14,9 @@
 #include "distill_cuda.h"
 #include "lora_cpu.h"
 #include "lora_cuda.h"
+#include "lora_mixed_cpu.h"
+#include "lora_mixed_cuda.h"
+#include "phm_cpu.h"  // phm_linear: checked entry points of both backends
 #include "rng.h"
 
 namespace py = pybind11;
@@ -320,6 +323,95 @@ void cuda_distill_fwd(const std::string& dtype, uintptr_t s, int64_t lds, uintpt
                               temperature, static_cast<int>(k), beta, stream);
 }
 
+// ---- lora_mixed ---------------------------------------------------------------------------------
+
+// Checks shared by the CPU and CUDA lora_mixed_fwd: sizes, pointers and row strides.  Each entry
+// point checks its own description of the batch (segments on the CPU, tiles on the GPU).
+void check_mixed(const std::string& fn, int64_t es, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t b,
+                 uintptr_t scaling, uintptr_t y, int64_t ldy, int64_t M, int64_t K, int64_t N, int64_t R,
+                 int64_t J) {
+  if (M < 0 || K < 0 || N < 0)
+    fail(fn, "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" +
+                 std::to_string(N));
+  if (R < 1 || R > (int64_t(1) << 20)) fail(fn, "rank R must be in [1, 2**20], got " + std::to_string(R));
+  if (J < 1) fail(fn, "adapters J must be >= 1, got " + std::to_string(J));
+  check_ptr(fn, "x", x, M * K, es);
+  check_ptr(fn, "a", a, J * R * K, es);
+  check_ptr(fn, "b", b, J * N * R, es);
+  check_ptr(fn, "scaling", scaling, J, 4);
+  check_ptr(fn, "y", y, M * N, es);
+  check_ld(fn, "x", ldx, M, K, false);
+  check_ld(fn, "y", ldy, M, N, true);
+}
+
+void lora_mixed_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t b,
+                    uintptr_t scaling, uintptr_t seg_adapter, uintptr_t seg_len, int64_t num_segs, uintptr_t y,
+                    int64_t ldy, int64_t M, int64_t K, int64_t N, int64_t R, int64_t J, int nthreads) {
+  const std::string fn = "lora_mixed_fwd";
+  const int64_t es = elem_size(dtype);
+  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
+  check_mixed(fn, es, x, ldx, a, b, scaling, y, ldy, M, K, N, R, J);
+  if (num_segs < 0 || num_segs > M)
+    fail(fn, "num_segs must be in [0, M=" + std::to_string(M) + "], got " + std::to_string(num_segs));
+  check_ptr(fn, "seg_adapter", seg_adapter, num_segs, 4);
+  check_ptr(fn, "seg_len", seg_len, num_segs, 8);
+  // The segments are host memory: check them before the kernel indexes x, y and the stacks with them.
+  const int32_t* sa = ptr<const int32_t>(seg_adapter);
+  const int64_t* sl = ptr<const int64_t>(seg_len);
+  int64_t rows = 0;
+  for (int64_t sg = 0; sg < num_segs; ++sg) {
+    if (sl[sg] < 1 || sl[sg] > M - rows)
+      fail(fn, "segment " + std::to_string(sg) + " has length " + std::to_string(sl[sg]) +
+                   ": lengths must be >= 1 and add up to M=" + std::to_string(M));
+    if (sa[sg] < -1 || sa[sg] >= J)
+      fail(fn, "segment " + std::to_string(sg) + " has adapter " + std::to_string(sa[sg]) + ", expected [-1, J=" +
+                   std::to_string(J) + ")");
+    rows += sl[sg];
+  }
+  if (rows != M) fail(fn, "segment lengths add up to " + std::to_string(rows) + ", expected M=" + std::to_string(M));
+  py::gil_scoped_release nogil;
+  if (es == 4)
+    peftcore::cpu::lora_mixed_fwd<float>(ptr<const float>(x), ldx, ptr<const float>(a), ptr<const float>(b),
+                                         ptr<const float>(scaling), sa, sl, num_segs, ptr<float>(y), ldy, M, K, N,
+                                         R, J, nthreads);
+  else
+    peftcore::cpu::lora_mixed_fwd<double>(ptr<const double>(x), ldx, ptr<const double>(a), ptr<const double>(b),
+                                          ptr<const float>(scaling), sa, sl, num_segs, ptr<double>(y), ldy, M, K,
+                                          N, R, J, nthreads);
+}
+
+int64_t cuda_lora_mixed_workspace(int64_t num_tiles, int64_t block_m, int64_t K, int64_t R) {
+  const std::string fn = "cuda_lora_mixed_workspace";
+  if (!peftcore::cuda::lora_mixed_block_m_ok(block_m))
+    fail(fn, "block_m must be 16 or 64, got " + std::to_string(block_m));
+  if (num_tiles < 0 || K < 0 || R < 1)
+    fail(fn, "need num_tiles >= 0, K >= 0, R >= 1, got " + std::to_string(num_tiles) + ", " + std::to_string(K) +
+                 ", " + std::to_string(R));
+  return peftcore::cuda::lora_mixed_workspace(num_tiles, block_m, K, R);
+}
+
+void cuda_lora_mixed_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t b,
+                         uintptr_t scaling, uintptr_t tiles, int64_t num_tiles, int64_t block_m, uintptr_t y,
+                         int64_t ldy, int64_t M, int64_t K, int64_t N, int64_t R, int64_t J, uintptr_t workspace,
+                         int64_t workspace_bytes, uintptr_t stream) {
+  const std::string fn = "cuda_lora_mixed_fwd";
+  require_cuda(fn);
+  const DType dt = cuda_dtype(fn, dtype);
+  check_mixed(fn, elem_size(dtype), x, ldx, a, b, scaling, y, ldy, M, K, N, R, J);
+  if (num_tiles < 0 || num_tiles > M)
+    fail(fn, "num_tiles must be in [0, M=" + std::to_string(M) + "], got " + std::to_string(num_tiles));
+  check_ptr(fn, "tiles", tiles, num_tiles * 3, 4);
+  const int64_t need = cuda_lora_mixed_workspace(num_tiles, block_m, K, R);
+  if (workspace_bytes < need)
+    fail(fn, "workspace of " + std::to_string(workspace_bytes) +
+                 " bytes, cuda_lora_mixed_workspace(num_tiles, block_m, K, R) = " + std::to_string(need));
+  check_ptr(fn, "workspace", workspace, need, 4);
+  py::gil_scoped_release nogil;
+  peftcore::cuda::lora_mixed_fwd(dt, ptr<const void>(x), ldx, ptr<const void>(a), ptr<const void>(b),
+                                 ptr<const float>(scaling), ptr<const int32_t>(tiles), num_tiles, block_m,
+                                 ptr<void>(y), ldy, M, K, N, R, ptr<void>(workspace), workspace_bytes, stream);
+}
+
 // The first instruction-set extension this binary was compiled for (-march=native on the build
 // machine) that the running CPU lacks, or "" when it has them all.  The loader refuses the module
 // with this name instead of letting a kernel die of SIGILL.
@@ -407,6 +499,45 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ldt"), py::arg("row_weight"), py::arg("loss"), py::arg("grad"), py::arg("N"), py::arg("V"),
         py::arg("temperature"), py::arg("kind"), py::arg("beta"), py::arg("stream"),
         "CUDA distill_fwd (float32/float16/bfloat16 inputs, fp32 math, fp32 loss, grad in the input dtype).");
+  m.def("lora_mixed_fwd", &lora_mixed_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"),
+        py::arg("b"), py::arg("scaling"), py::arg("seg_adapter"), py::arg("seg_len"), py::arg("num_segs"),
+        py::arg("y"), py::arg("ldy"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("R"), py::arg("J"),
+        py::arg("nthreads") = 0,
+        "Mixed-adapter LoRA delta on the CPU (float32/float64), in place: rows come in segments "
+        "(seg_adapter int32 [num_segs] in [-1, J), seg_len int64 [num_segs], in order, adding up to M); "
+        "for every row m of a segment with adapter j >= 0, y[m] += scaling[j] * (x[m] @ A[j]^T) @ B[j]^T "
+        "with A [J,R,K], B [J,N,R] contiguous and scaling float32 [J]. The segments are validated first.");
+  m.def("cuda_lora_mixed_workspace", &cuda_lora_mixed_workspace, py::arg("num_tiles"), py::arg("block_m"),
+        py::arg("K"), py::arg("R"), "Bytes of device scratch cuda_lora_mixed_fwd needs.");
+  m.def("cuda_lora_mixed_fwd", &cuda_lora_mixed_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"),
+        py::arg("b"), py::arg("scaling"), py::arg("tiles"), py::arg("num_tiles"), py::arg("block_m"), py::arg("y"),
+        py::arg("ldy"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("R"), py::arg("J"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"),
+        "CUDA lora_mixed_fwd (float32/float16/bfloat16, fp32 accumulation). tiles lives in device memory and "
+        "must come from peftcore.native.lora_mixed.plan (rows per tile <= block_m, 16 or 64).");
+  // phm_linear: the entry points check their arguments (csrc/phm_cpu.cpp) without the GIL.
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("phm_fwd", &peftcore::phm::cpu_fwd, nogil(), py::arg("dtype"), py::arg("x"), py::arg("ldx"),
+        py::arg("rule"), py::arg("w_left"), py::arg("w_right"), py::arg("bias"), py::arg("y"), py::arg("t"),
+        py::arg("M"), py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("nthreads") = 0,
+        "PHM linear forward on the CPU (float32/float64): y[M,n*Q] = x[M,n*P] @ H + bias (bias may be 0) "
+        "with H = sum_i kron(rule[i], w_left[i] @ w_right[i]) never formed; t[M,n,n,k] for the backward.");
+  m.def("phm_bwd", &peftcore::phm::cpu_bwd, nogil(), py::arg("dtype"), py::arg("dy"), py::arg("lddy"),
+        py::arg("x"), py::arg("ldx"), py::arg("t"), py::arg("rule"), py::arg("w_left"), py::arg("w_right"),
+        py::arg("dx"), py::arg("drule"), py::arg("dw_left"), py::arg("dw_right"), py::arg("dbias"), py::arg("M"),
+        py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("nthreads") = 0,
+        "PHM linear backward on the CPU; each gradient address may be 0 (not computed). Deterministic.");
+  m.def("cuda_phm_fwd", &peftcore::phm::cuda_fwd, nogil(), py::arg("dtype"), py::arg("x"), py::arg("ldx"),
+        py::arg("rule"), py::arg("w_left_t"), py::arg("w_right"), py::arg("bias"), py::arg("y"), py::arg("t"),
+        py::arg("M"), py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("stream"),
+        "CUDA phm_fwd (float32/float16/bfloat16, fp32 accumulation); w_left_t is w_left as [n, k, P].");
+  m.def("cuda_phm_bwd_workspace", &peftcore::phm::cuda_bwd_workspace, py::arg("M"), py::arg("n"), py::arg("P"),
+        py::arg("Q"), py::arg("k"), "Bytes of device scratch cuda_phm_bwd needs for the weight gradients.");
+  m.def("cuda_phm_bwd", &peftcore::phm::cuda_bwd, nogil(), py::arg("dtype"), py::arg("dy"), py::arg("lddy"),
+        py::arg("x"), py::arg("ldx"), py::arg("t"), py::arg("rule"), py::arg("w_left_t"), py::arg("w_right"),
+        py::arg("dx"), py::arg("drule"), py::arg("dw_left"), py::arg("dw_right"), py::arg("dbias"), py::arg("M"),
+        py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"), "CUDA phm_bwd; gradients in the input dtype, summed deterministically.");
   m.def("cuda_device_count", &peftcore::cuda::device_count,
         "Devices visible to the bundled CUDA runtime (negative cudaError_t when it cannot start).");
   m.def("hash32", [](int64_t x) { return peftcore::hash32(uint32_t(x)); }, py::arg("x"),
