@@ -1,7 +1,8 @@
 """Benchmarks of peftcore's ops against the floor and the baselines: ``peftcore bench <op> ...``.
 
 ``main(argv)`` is the CLI entry (``peftcore bench lora --preset cpu``, ``peftcore bench distill``,
-``peftcore bench fused-distill``, ``peftcore bench --list``);
+``peftcore bench fused-distill``, ``peftcore bench phm``, ``peftcore bench lora-mixed``,
+``peftcore bench --list``);
 ``benchmarks/bench_<op>.py`` are thin scripts around it.  Output: ``<out>/<stem>.json`` (rows),
 ``<stem>.md`` (tables, targets) and ``<stem>.png``; the formats are documented in
 benchmarks/README.md.
@@ -19,6 +20,8 @@ _BENCHES = {  # CLI name -> module with a BENCH
     "lora": "peftcore.bench.lora",
     "distill": "peftcore.bench.distill",
     "fused-distill": "peftcore.bench.fused_distill",
+    "phm": "peftcore.bench.phm",
+    "lora-mixed": "peftcore.bench.lora_mixed",
 }
 
 
@@ -181,6 +184,7 @@ def _run(args, argv, bench, device) -> int:
     meta = {
         "op": bench.op,
         "format": 1,
+        "plot_mode": bench.plot_mode,
         "preset": args.preset,
         "command": "peftcore bench " + shlex.join(argv),
         "modes": modes,
@@ -207,7 +211,7 @@ def _run(args, argv, bench, device) -> int:
     md_path.write_text(md)
     wrote = [json_path, md_path]
     if args.plot:
-        if render.plot(meta, rows, png_path, bench.providers):
+        if render.plot(meta, rows, png_path, bench.providers, mode=bench.plot_mode):
             wrote.append(png_path)
         else:
             print("no PNG: matplotlib not importable or no full-mode rows", file=sys.stderr)

@@ -73,6 +73,7 @@ class Bench:
     presets: dict = {}
     cpu_peak_memory: bool = False  # also measure peak_mem_bytes on the CPU (profiler; see peak_memory)
     extra_cols: tuple = ()  # (row key, header, format) columns the markdown tables add
+    plot_mode: str = "full"  # the mode the plot and the targets use (a forward-only op: "fwd")
 
     def add_args(self, parser) -> None:  # op-specific filters
         pass

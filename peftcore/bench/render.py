@@ -136,7 +136,9 @@ def markdown(meta: dict, rows: list[dict], providers: tuple[str, ...] = (), extr
         out.append("- measured ceilings: " + ", ".join(f"{k} {v}" for k, v in m["ceilings"].items()))
     for note in m.get("notes", []):
         out.append(f"- {note}")
-    out += ["", "## Targets (full mode: forward + backward)", "", targets_table(m.get("targets", []), floor, baseline)]
+    mode = m.get("plot_mode", "full")
+    heading = "full mode: forward + backward" if mode == "full" else f"{mode} mode"
+    out += ["", f"## Targets ({heading})", "", targets_table(m.get("targets", []), floor, baseline)]
     if m.get("skipped"):
         out += ["## Skipped", ""]
         for s in m["skipped"]:

@@ -43,6 +43,7 @@ def phm_weight(rule: torch.Tensor, w_left: torch.Tensor, w_right: torch.Tensor) 
     The materializing formula: the oracle of the tests and the baseline of ``bench phm``.
     """
     w = torch.bmm(w_left, w_right)  # [n, P, Q]
+    rule = rule.contiguous()  # torch.kron refuses some strided views
     return torch.stack([torch.kron(rule[i], w[i]) for i in range(rule.shape[0])]).sum(0)
 
 
