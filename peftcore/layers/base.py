@@ -66,7 +66,8 @@ class AdapterHost:
         raise NotImplementedError
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
-        """The parameters of adapter ``name`` held here, by key relative to this module.
+        """The tensors (parameters, or buffers for fixed ones) of adapter ``name`` held here, by
+        key relative to this module.
 
         Keys are what :func:`peftcore.save_adapter` writes after the module's path (for LoRA:
         ``lora_A.weight``, PEFT's layout) and must not contain the adapter's name, so an adapter
@@ -83,8 +84,9 @@ class AdapterHost:
         raise NotImplementedError
 
     def trainable_tensors(self, name: str) -> dict[str, nn.Parameter]:
-        """The parameters :func:`peftcore.train_adapter` unfreezes (default: all of them)."""
-        return self.adapter_tensors(name)
+        """What :func:`peftcore.train_adapter` unfreezes: the adapter's tensors that are parameters
+        (a fixed tensor, e.g. a PHM rule with ``learn_phm=False``, is a buffer and stays frozen)."""
+        return {k: t for k, t in self.adapter_tensors(name).items() if isinstance(t, nn.Parameter)}
 
     def has_adapters(self) -> bool:
         return bool(self.adapter_names())

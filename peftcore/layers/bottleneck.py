@@ -198,10 +198,6 @@ class BottleneckSlot(AdapterHost, nn.Module):
         """A list or Stack of names held here; both mean the order of :meth:`forward`."""
         self.active = check_active(self, spec)
 
-    def trainable_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The adapter's parameters, without fixed rules (``learn_phm=False``)."""
-        return {k: t for k, t in self.adapter_tensors(name).items() if isinstance(t, nn.Parameter)}
-
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (the input hook goes with the last parallel adapter)."""
         if name not in self.adapters:

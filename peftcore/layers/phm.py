@@ -208,10 +208,6 @@ class PHMRuleBank(AdapterHost, nn.Module):
     def set_active(self, spec) -> None:
         self.active = check_active(self, spec)
 
-    def trainable_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The rule when it is learned (a fixed rule is a buffer and stays frozen)."""
-        return {k: t for k, t in self.adapter_tensors(name).items() if isinstance(t, nn.Parameter)}
-
     def delete_adapter(self, name: str) -> None:
         if name not in self._names:
             raise KeyError(f"no PHM rule for adapter {name!r} (has {sorted(self._names)})")

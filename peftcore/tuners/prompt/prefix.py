@@ -21,7 +21,7 @@ from torch import nn
 
 from ...layers.prompt import SLOT, PrefixEncoder, register_implementations, wrap_config
 from .config import PrefixTuningConfig
-from .prompt import find_transformers_model
+from .prompt import existing_host, find_transformers_model
 
 PREFIX_ATTR = "peftcore_prefix"
 
@@ -95,12 +95,7 @@ def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, name: str
         raise TypeError(f"prefix tuning needs a transformers model with a config, got {type(tm).__name__}")
     if getattr(cfg, "is_encoder_decoder", False):
         raise ValueError("prefix tuning supports decoder-only and encoder-only models, not encoder-decoder ones")
-    host = getattr(tm, PREFIX_ATTR, None)
-    if host is not None:
-        if not isinstance(host, PrefixEncoder):
-            raise TypeError(f"{type(tm).__name__}.{PREFIX_ATTR} exists and is not a PrefixEncoder")
-        if name in host.adapter_names():
-            raise ValueError(f"prefix tuning adapter {name!r} already exists")
+    host = existing_host(tm, PREFIX_ATTR, PrefixEncoder, name, "prefix tuning")
     found = attention_modules(tm)
     if not found:
         import transformers

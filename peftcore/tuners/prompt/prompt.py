@@ -77,12 +77,7 @@ def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig, name: str
     tm = find_transformers_model(model)
     emb = _input_embeddings(tm)
     hidden = emb.weight.shape[1]
-    host = getattr(tm, PROMPT_ATTR, None)
-    if host is not None:
-        if not isinstance(host, PromptEmbeddings):
-            raise TypeError(f"{type(tm).__name__}.{PROMPT_ATTR} exists and is not a PromptEmbeddings")
-        if name in host.adapter_names():
-            raise ValueError(f"prompt tuning adapter {name!r} already exists")
+    host = existing_host(tm, PROMPT_ATTR, PromptEmbeddings, name, "prompt tuning")
     p = config.num_virtual_tokens
     # Saved weights replace the initialization on load: skip the tokenizer there (see _from_json).
     if config.init == "text" and not getattr(config, "_weights_follow", False):
@@ -95,6 +90,17 @@ def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig, name: str
         tm.register_forward_pre_hook(host.pre_forward, with_kwargs=True)
     host.add_adapter(name, weight.to(emb.weight.dtype))
     return [_path(model, host)]
+
+
+def existing_host(tm: nn.Module, attr: str, cls: type, name: str, method: str):
+    """The ``cls`` host already at ``tm.<attr>`` (None if there is none), refusing a second ``name``."""
+    host = getattr(tm, attr, None)
+    if host is not None:
+        if not isinstance(host, cls):
+            raise TypeError(f"{type(tm).__name__}.{attr} exists and is not a {cls.__name__}")
+        if name in host.adapter_names():
+            raise ValueError(f"{method} adapter {name!r} already exists")
+    return host
 
 
 def _path(model: nn.Module, module: nn.Module) -> str:
