@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu_common.h"  // thread settings, build description
 #include "distill_cpu.h"
 #include "distill_cuda.h"
 #include "lora_cpu.h"

@@ -1,4 +1,4 @@
-// Helpers shared by the CUDA kernels (lora_cuda.cu, distill_cuda.cu): fp32 <-> storage-dtype
+// Helpers shared by the CUDA kernels (every *_cuda.cu): fp32 <-> storage-dtype
 // conversion, CUDA error checks that raise to Python, and integer ceil-division.
 #pragma once
 

@@ -30,8 +30,8 @@
 #include <omp.h>
 #endif
 
+#include "cpu_common.h"  // get_num_threads(): the module-wide default thread count
 #include "cpu_simd.h"
-#include "lora_cpu.h"  // get_num_threads(): the module-wide default thread count
 
 namespace peftcore {
 namespace cpu {

@@ -22,22 +22,7 @@ namespace {
 
 using namespace simd;  // NOLINT: the building blocks of this file
 
-std::atomic<int> g_num_threads{0};
-
-// Threads for a call: the caller's request, else the module default, else OpenMP's; never more
-// than the work items, and one for work too small to amortize waking the pool.
-int pick_threads(int requested, int64_t items, double flops) {
-  int nt = requested > 0 ? requested : g_num_threads.load();
-#ifdef _OPENMP
-  if (nt <= 0) nt = omp_get_max_threads();
-#else
-  nt = 1;
-#endif
-  if (nt < 1) nt = 1;
-  if (items < nt) nt = static_cast<int>(std::max<int64_t>(items, 1));
-  if (flops < 2.0e5) nt = 1;
-  return nt;
-}
+std::atomic<int> g_num_threads{0};  // set_num_threads(); 0: OpenMP's default (cpu_common.h)
 
 // ---------------------------------------------------------------------------------------------
 // forward
@@ -50,12 +35,8 @@ void down_fwd_impl(const T* x, int64_t ldx, const T* a, T* xa, int64_t M, int64_
   const int64_t Kp = round_up(std::max<int64_t>(K, 1), L);
   // A padded to whole vectors so every dot product runs without a tail.
   std::vector<T> ap_buf;
-  const T* ap = a;
-  if (Kp != K) {
-    ap_buf.assign(static_cast<size_t>(R * Kp), T(0));
-    for (int64_t r = 0; r < R; ++r) std::memcpy(&ap_buf[r * Kp], a + r * K, K * sizeof(T));
-    ap = ap_buf.data();
-  }
+  if (Kp != K) ap_buf = padded_rows(a, R, K, Kp);
+  const T* ap = Kp != K ? ap_buf.data() : a;
   const int64_t Np = round_up(std::max<int64_t>(N, 1), L);
   std::vector<T> bt;  // scaling * B^T, [R, Np]
   const int64_t ldb = skewed_ld<T>(Np);
@@ -104,42 +85,11 @@ void bwd_rows(const T* const gp[4], const T* const xp[4], T* const dxp[4], const
               const T* at, T* dat, int64_t R, int64_t kt, int64_t k0, int64_t kwp,
               uint32_t threshold, T s) {
   using W = Vec<T>;
-  using V = typename W::V;
-  constexpr int L = W::L;
-  const V sv = splat<V>(s);
-  for (int64_t k = 0; k < kwp; k += L) {
-    V ms[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i)
-      ms[i] = DROP ? W::select(keep_lanes<T>(rk[i], k0 + k, threshold), sv) : sv;
-    V xd[4], t[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      if (DA) xd[i] = load<V>(xp[i] + k) * ms[i];
-      if (DX) t[i] = V{};
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      V gv[4];
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) gv[i] = splat<V>(gp[i][r]);
-      if (DX) {
-        const V av = load<V>(at + r * kt + k);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) t[i] += gv[i] * av;
-      }
-      if (DA) {
-        T* d = dat + r * kt + k;
-        V dv = load<V>(d);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) dv += gv[i] * xd[i];
-        store(d, dv);
-      }
-    }
-    if (DX) {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) store(dxp[i] + k, load<V>(dxp[i] + k) + ms[i] * t[i]);
-    }
-  }
+  const typename W::V sv = splat<typename W::V>(s);
+  const auto ms = [&](int i, int64_t k) {
+    return DROP ? W::select(keep_lanes<T>(rk[i], k0 + k, threshold), sv) : sv;
+  };
+  bwd4_rows<T, DX, DA, true>(dxp, xp, gp, at, dat, kt, R, kwp, ms);
 }
 
 template <typename T>
@@ -285,16 +235,7 @@ void bwd_impl(const T* dy, int64_t lddy, const T* b, const T* xa, const T* g_in,
             if (i >= nr) continue;
             gp[i] = gchunk + (m - m_begin) * R;
             rk[i] = row_key(sk, m);
-            if (da) {
-              if (full) {
-                xp[i] = x + m * ldx + k0;
-              } else {
-                T* q = xbuf.data() + i * kt;
-                std::memcpy(q, x + m * ldx + k0, kw * sizeof(T));
-                std::fill(q + kw, q + kwp, T(0));
-                xp[i] = q;
-              }
-            }
+            if (da) xp[i] = segment(x + m * ldx + k0, kw, kwp, xbuf.data() + i * kt);
             if (dx) {
               if (full) {
                 dxp[i] = dx + m * lddx + k0;

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "cpu_common.h"  // set_num_threads, get_num_threads, has_openmp, simd_name
+
 namespace peftcore {
 namespace cpu {
 
@@ -45,12 +47,6 @@ void lora_bwd(const T* dy, int64_t lddy, const T* b, const T* xa, const T* a, co
 
 // out[m, k] = keep(m, k) as 0/1 bytes, [M, K] contiguous.  For tests.
 void keep_mask(uint8_t* out, int64_t M, int64_t K, uint32_t seed, uint32_t threshold, int nthreads);
-
-// Default thread count for calls that pass nthreads <= 0 (0 = OpenMP's own default).
-void set_num_threads(int n);
-int get_num_threads();
-bool has_openmp();
-const char* simd_name();
 
 }  // namespace cpu
 }  // namespace peftcore

@@ -13,10 +13,7 @@
 #include <memory>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "cpu_common.h"
 #include "cpu_simd.h"
 
 namespace peftcore {
@@ -24,51 +21,6 @@ namespace cpu {
 namespace {
 
 using namespace simd;  // NOLINT: the building blocks of this file
-
-// Threads for a call: the request (else OpenMP's default), never more than the work items, and
-// one for work too small to amortize waking the pool.
-int mixed_threads(int requested, int64_t items, double flops) {
-  int nt = requested;
-#ifdef _OPENMP
-  if (nt <= 0) nt = omp_get_max_threads();
-#else
-  nt = 1;
-#endif
-  if (nt < 1) nt = 1;
-  if (items < nt) nt = static_cast<int>(std::max<int64_t>(items, 1));
-  if (flops < 2.0e5) nt = 1;
-  return nt;
-}
-
-// sums[i][q] = dot(rows[i], cols[q]) over n (a multiple of L) for NR rows and NJ columns:
-// NR * NJ independent vector accumulators, NR + NJ loads per NR * NJ FMAs.
-template <typename T, int NR, int NJ>
-inline void dot_block(const T* const rows[], const T* const cols[], int64_t n, T sums[][NJ]) {
-  using V = typename Vec<T>::V;
-  constexpr int L = Vec<T>::L;
-  V acc[NR][NJ];
-#pragma GCC unroll 4
-  for (int i = 0; i < NR; ++i)
-#pragma GCC unroll 8
-    for (int q = 0; q < NJ; ++q) acc[i][q] = V{};
-  for (int64_t k = 0; k < n; k += L) {
-    V cv[NJ];
-#pragma GCC unroll 8
-    for (int q = 0; q < NJ; ++q) cv[q] = load<V>(cols[q] + k);
-#pragma GCC unroll 4
-    for (int i = 0; i < NR; ++i) {
-      const V rv = load<V>(rows[i] + k);
-#pragma GCC unroll 8
-      for (int q = 0; q < NJ; ++q) acc[i][q] += rv * cv[q];
-    }
-  }
-  for (int i = 0; i < NR; ++i)
-    for (int q = 0; q < NJ; ++q) {
-      T s = 0;
-      for (int l = 0; l < L; ++l) s += acc[i][q][l];
-      sums[i][q] = s;
-    }
-}
 
 // out[i][r] = s * dot(rows[i][0:K], A[r][0:K]) for NR rows and all R ranks of A [R, K]: the
 // first Kv = K - K % L columns in SIMD blocks of NJ ranks, the rest a scalar tail.
@@ -216,7 +168,7 @@ void lora_mixed_fwd(const T* x, int64_t ldx, const T* a, const T* b, const float
                           int64_t, int64_t, int64_t, T, T*);
   const RowsFn rows_fn[5] = {nullptr, &rows_delta<T, 1>, &rows_delta<T, 2>, &rows_delta<T, 3>,
                              &rows_delta<T, 4>};
-  const int nt = mixed_threads(nthreads, std::max(num_items, U * nblk), 2.0 * active * R * (K + N));
+  const int nt = pick_threads(nthreads, std::max(num_items, U * nblk), 2.0 * active * R * (K + N));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
 #pragma omp for schedule(static)

@@ -48,6 +48,18 @@ Splits k_splits(int64_t num_tiles, int64_t K, int64_t R) {
   return {ceil_div(std::max<int64_t>(K, 1), k_per), k_per};
 }
 
+// Entry t of the tile table (first row, end row, adapter): rows [m0, m0 + rows) use adapter j.
+struct Tile {
+  int64_t m0;
+  int rows;
+  int64_t j;
+};
+
+__device__ __forceinline__ Tile tile_at(const int32_t* __restrict__ tiles, int64_t t) {
+  const int64_t m0 = tiles[3 * t];
+  return {m0, tiles[3 * t + 1] - static_cast<int>(m0), tiles[3 * t + 2]};
+}
+
 template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads)
     lora_mixed_shrink_kernel(const T* __restrict__ x,  // [M, K], row stride ldx
@@ -61,9 +73,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float as[kBR][kBK + 1];
   const int tid = threadIdx.x;
   const int64_t t = blockIdx.x;
-  const int64_t m0 = tiles[3 * t];
-  const int rows = tiles[3 * t + 1] - static_cast<int>(m0);
-  const int64_t j = tiles[3 * t + 2];
+  const auto [m0, rows, j] = tile_at(tiles, t);
   const int r0 = blockIdx.y * kBR;
   const int64_t k_lo = static_cast<int64_t>(blockIdx.z) * k_per;
   const int64_t k_hi = min(K, k_lo + k_per);
@@ -118,9 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float bs[kRC][kBN + 1];
   const int tid = threadIdx.x;
   const int64_t t = blockIdx.x;
-  const int64_t m0 = tiles[3 * t];
-  const int rows = tiles[3 * t + 1] - static_cast<int>(m0);
-  const int64_t j = tiles[3 * t + 2];
+  const auto [m0, rows, j] = tile_at(tiles, t);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const float s = scaling[j];
   const T* bj = b + j * N * R;

@@ -18,8 +18,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu_common.h"
 #include "cpu_simd.h"
-#include "lora_cpu.h"  // get_num_threads
 #include "phm_cuda.h"
 
 namespace peftcore {
@@ -27,14 +27,6 @@ namespace cpu {
 namespace {
 
 using namespace simd;  // NOLINT: the building blocks of this file
-
-int pick_threads(int requested, int64_t items, double flops) {
-  int nt = requested > 0 ? requested : get_num_threads();
-  if (!has_openmp() || nt < 1) nt = 1;
-  if (items < nt) nt = static_cast<int>(std::max<int64_t>(items, 1));
-  if (flops < 2.0e5) nt = 1;  // less work than waking the pool costs
-  return nt;
-}
 
 // The factor matrices and weight-gradient partials are [n*k, width] with the row stride of
 // skewed_ld (one vector past the padded width): the axpy-style kernels walk all n*k rows at one
@@ -48,23 +40,6 @@ std::vector<T> transpose_left(const T* wl, int64_t n, int64_t P, int64_t k, int6
     for (int64_t p = 0; p < P; ++p)
       for (int64_t r = 0; r < k; ++r) out[(i * k + r) * ld + p] = wl[(i * P + p) * k + r];
   return out;
-}
-
-// [R, N] rows (row stride N) copied to row stride ld, zero past N.
-template <typename T>
-std::vector<T> padded_rows(const T* src, int64_t R, int64_t N, int64_t ld) {
-  std::vector<T> out(static_cast<size_t>(R * ld), T(0));
-  for (int64_t r = 0; r < R; ++r) std::memcpy(out.data() + r * ld, src + r * N, N * sizeof(T));
-  return out;
-}
-
-// A segment of len elements readable over lenp (whole vectors): src, or a zero-padded copy.
-template <typename T>
-inline const T* segment(const T* src, int64_t len, int64_t lenp, T* buf) {
-  if (len == lenp) return src;
-  std::memcpy(buf, src, len * sizeof(T));
-  std::fill(buf + len, buf + lenp, T(0));
-  return buf;
 }
 
 // u[b][j] = sum_a rule[i][a][b] v[a][j], j = i*k + r; v, u [n][n*k] of one row.
@@ -99,61 +74,12 @@ void mix_over_b(const T* rule, const T* du, T* dt, int64_t n, int64_t k) {
     }
 }
 
-// y_i[0:N] = init[0:N] + sum_j coef_i[j] w[j][0:N] for 4 rows (N whole vectors, w row stride ldw).
-template <typename T>
-inline void gemv4_init(T* const y[4], const T* const coef[4], const T* w, int64_t ldw, int64_t J,
-                       int64_t N, const T* init) {
-  using V = typename Vec<T>::V;
-  constexpr int L = Vec<T>::L;
-  for (int64_t q = 0; q < N; q += L) {
-    const V b = load<V>(init + q);
-    V acc[4] = {b, b, b, b};
-    for (int64_t j = 0; j < J; ++j) {
-      const V wv = load<V>(w + j * ldw + q);
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) acc[i] += splat<V>(coef[i][j]) * wv;
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) store(y[i] + q, acc[i]);
-  }
-}
-
 // One x segment of 4 rows (N whole vectors): dx_i = sum_j coef_i[j] wlt[j] (DX) and
 // dwlt[j] += sum_i coef_i[j] x_i (DW), in one sweep so x is read once.
 template <typename T, bool DX, bool DW>
 void left_bwd4(T* const dxr[4], const T* const xr[4], const T* const coef[4], const T* wlt,
                T* dwlt, int64_t ld, int64_t J, int64_t N) {
-  using V = typename Vec<T>::V;
-  constexpr int L = Vec<T>::L;
-  for (int64_t p = 0; p < N; p += L) {
-    V xv[4], acc[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      if (DW) xv[i] = load<V>(xr[i] + p);
-      if (DX) acc[i] = V{};
-    }
-    for (int64_t j = 0; j < J; ++j) {
-      V c[4];
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) c[i] = splat<V>(coef[i][j]);
-      if (DX) {
-        const V wv = load<V>(wlt + j * ld + p);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) acc[i] += c[i] * wv;
-      }
-      if (DW) {
-        T* d = dwlt + j * ld + p;
-        V dv = load<V>(d);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) dv += c[i] * xv[i];
-        store(d, dv);
-      }
-    }
-    if (DX) {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) store(dxr[i] + p, acc[i]);
-    }
-  }
+  bwd4_rows<T, DX, DW, false>(dxr, xr, coef, wlt, dwlt, ld, J, N);
 }
 
 template <typename T>
@@ -224,7 +150,7 @@ void fwd_impl(const T* x, int64_t ldx, const T* rule, const T* wl, const T* wr, 
           yr[i] = (i < nr && Q == Qp) ? y + (m0 + i) * ldy + b * Q : ybuf.data() + i * Qp;
           coef[i] = u.data() + i * tn + b * nk;
         }
-        gemv4_init<T>(yr, coef, wrp.data(), ldr, nk, Qp, biasp.data() + b * Qp);
+        axpy4_rows<T>(yr, coef, wrp.data(), ldr, nk, Qp, biasp.data() + b * Qp);
         if (Q != Qp)
           for (int i = 0; i < nr; ++i) std::memcpy(y + (m0 + i) * ldy + b * Q, yr[i], Q * sizeof(T));
       }

@@ -156,6 +156,36 @@ __global__ void __launch_bounds__(kThreads)
 
 enum : int { kDx = 1, kRule = 2, kWl = 4, kWr = 8, kBias = 16 };
 
+// A weight gradient's chunk partial over one tile of rows (all threads of the block):
+//   part[j][p] += sum_{r < rows, c < n} coef[r][c][j] v[m0 + r][c*len + p]   (j < nk, p < len)
+// with v [M, n*len] (row stride ld) the tile's x or dy and coef [rows, n, nk] its dt or u in
+// shared memory; the first tile of a chunk overwrites part.  A thread per (j chunk, p): v loads
+// coalesced over p, coef broadcast from shared memory.
+template <typename T>
+__device__ __forceinline__ void accum_weight_grad(float* part, const T* __restrict__ v,
+                                                  int64_t ld, int64_t m0, int rows,
+                                                  const float* coef, int n, int nk, int len,
+                                                  bool first) {
+  for (int64_t e = threadIdx.x; e < static_cast<int64_t>((nk + kJ - 1) / kJ) * len; e += kThreads) {
+    const int j0 = static_cast<int>(e / len) * kJ, p = static_cast<int>(e % len);
+    float acc[kJ];
+#pragma unroll
+    for (int jj = 0; jj < kJ; ++jj)
+      acc[jj] = (first || j0 + jj >= nk) ? 0.f : part[static_cast<int64_t>(j0 + jj) * len + p];
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < n; ++c) {
+        const float xv = to_f(v[(m0 + r) * ld + static_cast<int64_t>(c) * len + p]);
+        const float* d = coef + (r * n + c) * nk + j0;
+#pragma unroll
+        for (int jj = 0; jj < kJ; ++jj)
+          if (j0 + jj < nk) acc[jj] += d[jj] * xv;
+      }
+#pragma unroll
+    for (int jj = 0; jj < kJ; ++jj)
+      if (j0 + jj < nk) part[static_cast<int64_t>(j0 + jj) * len + p] = acc[jj];
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     phm_bwd_kernel(const T* __restrict__ dy,    // [M, n*Q], row stride lddy
@@ -240,47 +270,10 @@ __global__ void __launch_bounds__(kThreads)
         warp_expand<T>(dt_s + task * nk, fl, nk, P, nullptr,
                        dx + (m0 + r) * n * P + static_cast<int64_t>(a) * P);
       }
-    // dW_l^T[j][p] += sum_{r, a} dt[r][a][j] x[r][a*P + p]: a thread per (j chunk, p), x loads
-    // coalesced over p, dt broadcast from shared memory
-    if (needs & kWl)
-      for (int64_t e = threadIdx.x; e < static_cast<int64_t>((nk + kJ - 1) / kJ) * P; e += kThreads) {
-        const int j0 = static_cast<int>(e / P) * kJ, p = static_cast<int>(e % P);
-        float acc[kJ];
-#pragma unroll
-        for (int jj = 0; jj < kJ; ++jj)
-          acc[jj] = (first || j0 + jj >= nk) ? 0.f : p_wl[static_cast<int64_t>(j0 + jj) * P + p];
-        for (int r = 0; r < rows; ++r)
-          for (int a = 0; a < n; ++a) {
-            const float xv = to_f(x[(m0 + r) * ldx + static_cast<int64_t>(a) * P + p]);
-            const float* d = dt_s + (r * n + a) * nk + j0;
-#pragma unroll
-            for (int jj = 0; jj < kJ; ++jj)
-              if (j0 + jj < nk) acc[jj] += d[jj] * xv;
-          }
-#pragma unroll
-        for (int jj = 0; jj < kJ; ++jj)
-          if (j0 + jj < nk) p_wl[static_cast<int64_t>(j0 + jj) * P + p] = acc[jj];
-      }
+    // dW_l^T[j][p] += sum_{r, a} dt[r][a][j] x[r][a*P + p]
+    if (needs & kWl) accum_weight_grad(p_wl, x, ldx, m0, rows, dt_s, n, nk, P, first);
     // dW_r[j][q] += sum_{r, b} u[r][b][j] dy[r][b*Q + q], and dbias[b*Q + q] += sum_r dy[r][b*Q + q]
-    if (needs & kWr)
-      for (int64_t e = threadIdx.x; e < static_cast<int64_t>((nk + kJ - 1) / kJ) * Q; e += kThreads) {
-        const int j0 = static_cast<int>(e / Q) * kJ, q = static_cast<int>(e % Q);
-        float acc[kJ];
-#pragma unroll
-        for (int jj = 0; jj < kJ; ++jj)
-          acc[jj] = (first || j0 + jj >= nk) ? 0.f : p_wr[static_cast<int64_t>(j0 + jj) * Q + q];
-        for (int r = 0; r < rows; ++r)
-          for (int b = 0; b < n; ++b) {
-            const float g = to_f(dy[(m0 + r) * lddy + static_cast<int64_t>(b) * Q + q]);
-            const float* u = u_s + (r * n + b) * nk + j0;
-#pragma unroll
-            for (int jj = 0; jj < kJ; ++jj)
-              if (j0 + jj < nk) acc[jj] += u[jj] * g;
-          }
-#pragma unroll
-        for (int jj = 0; jj < kJ; ++jj)
-          if (j0 + jj < nk) p_wr[static_cast<int64_t>(j0 + jj) * Q + q] = acc[jj];
-      }
+    if (needs & kWr) accum_weight_grad(p_wr, dy, lddy, m0, rows, u_s, n, nk, Q, first);
     if (needs & kBias)
       for (int64_t e = threadIdx.x; e < static_cast<int64_t>(n) * Q; e += kThreads) {
         float acc = first ? 0.f : p_b[e];

@@ -54,14 +54,11 @@ import triton
 import triton.language as tl
 
 from ..reference.distill import KINDS
+from .common import FLOATS as _FLOATS
+from .common import interpreting, parse_items, store_dtype
 
 CONFIG_ENV = "PEFTCORE_TRITON_DISTILL_CONFIG"
 _KEYS = ("BLOCK_V", "num_warps")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,16 +208,7 @@ def _distill_kl_fwd_kernel(
 @functools.lru_cache(maxsize=16)
 def _parse_pinned(text: str) -> dict[str, int]:
     """``"BLOCK_V=4096,num_warps=8"`` -> {key: int}; raises on unknown keys or a bad BLOCK_V."""
-    out: dict[str, int] = {}
-    for item in filter(None, (i.strip() for i in text.split(","))):
-        key, _, val = item.partition("=")
-        key = key.strip()
-        if key not in _KEYS:
-            raise ValueError(f"{CONFIG_ENV}: unknown key {key!r} (one of {', '.join(_KEYS)})")
-        try:
-            out[key] = int(val)
-        except ValueError:
-            raise ValueError(f"{CONFIG_ENV}: {key} must be an integer, got {val.strip()!r}") from None
+    out = parse_items(text, CONFIG_ENV, _KEYS)
     bv = out.get("BLOCK_V")
     if bv is not None and (bv < 1 or bv & (bv - 1)):
         raise ValueError(f"{CONFIG_ENV}: BLOCK_V must be a power of two, got {bv}")
@@ -237,19 +225,13 @@ def _config(V: int, dtype: torch.dtype) -> dict[str, int]:
     loads are not software-pipelined by Triton (num_stages changes nothing here), hence no stages.
     Interpreter: 64 lanes, so small test rows still take several chunks.
     """
-    if _interpret():
+    if interpreting():
         cfg = {"BLOCK_V": min(64, triton.next_power_of_2(V)), "num_warps": 4}
     else:
         bv = min(4096, max(128, triton.next_power_of_2(V)))
         cfg = {"BLOCK_V": bv, "num_warps": min(16, max(4, bv // 256))}
     cfg.update(_parse_pinned(os.environ.get(CONFIG_ENV, "")))
     return cfg
-
-
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The interpreter truncates fp32 -> bf16 in-kernel casts: there the kernel stores fp32 and
-    # torch rounds (as in kernels/lora.py).
-    return torch.float32 if _interpret() and dtype == torch.bfloat16 else dtype
 
 
 def _check(s, t, kind, beta, row_weight):
@@ -295,7 +277,7 @@ def distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad, *, block_v
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     N, V = s.shape
     loss = torch.empty(N, device=s.device, dtype=torch.float32)
-    grad = torch.empty((N, V), device=s.device, dtype=_store_dtype(s.dtype)) if need_grad else None
+    grad = torch.empty((N, V), device=s.device, dtype=store_dtype(s.dtype, interpreting())) if need_grad else None
     if N > 0 and V > 0:
         w = row_weight.to(device=s.device, dtype=torch.float32).contiguous()
         cfg = _config(V, s.dtype)

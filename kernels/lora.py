@@ -36,17 +36,16 @@ to apply to that kernel only; keys a kernel does not have are ignored.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..reference.rng import dropout_threshold as threshold
+from . import common
+from .common import m_bucket, pow2, precision, store_dtype, upcast, upcast_dot
 from .rng import _keep_mask, _row_keys, seed_key
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET, _SMEM_BUDGET = common.INTERPRET, common.SMEM_BUDGET
 CONFIG_ENV = "PEFTCORE_TRITON_LORA_CONFIG"
 
 # ---------------------------------------------------------------------------------------------
@@ -55,63 +54,44 @@ CONFIG_ENV = "PEFTCORE_TRITON_LORA_CONFIG"
 # are smaller than the test shapes, so every boundary path runs.
 # ---------------------------------------------------------------------------------------------
 
-_GEMM_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _GPU_CONFIGS = {
     "fwd": [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),  # fp32
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},  # fp32
     ],
     "xa": [
-        dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),  # more programs when M is small
-        dict(BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=4),  # large R
+        {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},  # more programs when M is small
+        {"BLOCK_M": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4},  # large R
     ],
     "da": [
-        dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_K=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),  # large R in fp32
+        {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},  # large R in fp32
     ],
 }
 # dx holds a uint32 hash tile beside the accumulator while it masks the rank-r term, so 4 warps
 # on a 128x128 tile spill (ptxas, sm_90): it gets 8 warps on 128x128 and no 128x256 tile.
 _GPU_CONFIGS["dx"] = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),  # fp32
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},  # fp32
 ]
 _INTERP_CONFIGS = {
-    "fwd": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
-    "dx": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
-    "xa": dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),
-    "da": dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
+    "dx": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
+    "xa": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
+    "da": {"BLOCK_M": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
 }
-_ALL_KEYS = set(_GEMM_KEYS) | {"num_warps", "num_stages"}
-
-
-def _parse_pinned(text: str) -> dict[str, dict[str, int]]:
-    """``"k=v,...;fwd:k=v,..."`` -> {kernel or "*": {key: int}}; raises on unknown keys/kernels."""
-    out: dict[str, dict[str, int]] = {}
-    for entry in filter(None, (e.strip() for e in text.split(";"))):
-        name, _, body = entry.rpartition(":")
-        name = name.strip() or "*"
-        if name != "*" and name not in _GPU_CONFIGS:
-            raise ValueError(f"{CONFIG_ENV}: unknown kernel {name!r} (one of {', '.join(_GPU_CONFIGS)})")
-        for item in filter(None, (i.strip() for i in body.split(","))):
-            key, _, val = item.partition("=")
-            key = key.strip()
-            if key not in _ALL_KEYS:
-                raise ValueError(f"{CONFIG_ENV}: unknown key {key!r} (one of {', '.join(sorted(_ALL_KEYS))})")
-            out.setdefault(name, {})[key] = int(val)
-    return out
-
-
-_SMEM_BUDGET = 220 * 1024  # H100: 227 KiB of shared memory per block, less some for the epilogue
+_TUNING = common.Tuning(CONFIG_ENV, _GPU_CONFIGS, _INTERP_CONFIGS)
+_parse_pinned = _TUNING.parse  # "k=v,...;fwd:k=v,..." -> {kernel or "*": {key: int}}
+_configs = _TUNING.configs
 
 
 def _smem_bytes(kernel: str, meta: dict, stages: int, elt: int, r_pad: int) -> int:
@@ -131,37 +111,17 @@ def _pruner(kernel: str, ptr: str):
         elt = named_args[ptr].element_size()
         r_pad = kwargs.get("R_PAD") or kwargs.get("BLOCK_R") or 16
 
-        def size(c):
-            return _smem_bytes(kernel, c.kwargs, c.num_stages, elt, r_pad)
+        def smem(c, stages):
+            return _smem_bytes(kernel, c.kwargs, stages, elt, r_pad)
 
-        fits = [c for c in configs if size(c) <= _SMEM_BUDGET]
-        if kernel == "dx" and elt == 4:
-            fits = [c for c in fits if c.num_warps >= 8]  # 4 warps spill in fp32 (ptxas, sm_90)
-        if fits:
-            return fits
-        c = min(configs, key=size)
-        stages = c.num_stages
-        while stages > 1 and _smem_bytes(kernel, c.kwargs, stages, elt, r_pad) > _SMEM_BUDGET:
-            stages -= 1
-        return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages)]
+        def fits(c):
+            spills = kernel == "dx" and elt == 4 and c.num_warps < 8  # 4 warps spill in fp32 (ptxas, sm_90)
+            return smem(c, c.num_stages) <= _SMEM_BUDGET and not spills
+
+        # Nothing fits: the config with the smallest tiles, with stages cut until they fit.
+        return common.prune_to_budget(configs, fits, lambda c: smem(c, c.num_stages), smem)
 
     return {"early_config_prune": prune}
-
-
-def _configs(kernel: str) -> list[triton.Config]:
-    base = [_INTERP_CONFIGS[kernel]] if _INTERPRET else _GPU_CONFIGS[kernel]
-    pinned = _parse_pinned(os.environ.get(CONFIG_ENV, ""))
-    if "*" in pinned or kernel in pinned:
-        merged = dict(base[0])
-        for src in (pinned.get("*", {}), pinned.get(kernel, {})):
-            merged.update({k: v for k, v in src.items() if k in merged})
-        base = [merged]
-    configs = []
-    for c in base:
-        c = dict(c)
-        warps, stages = c.pop("num_warps"), c.pop("num_stages")
-        configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
-    return configs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +173,7 @@ def _lora_xa_fwd_kernel(
         if DROPOUT:
             # The 1/(1-p) factor is applied once to the fp32 result, not to every element.
             x = tl.where(_keep_mask(row_keys, offs_k + k0, threshold), x, tl.zeros_like(x))
-        if UPCAST:
-            x = x.to(tl.float32)
-            at = at.to(tl.float32)
-        acc = tl.dot(x, at, acc, input_precision=PRECISION)
+        acc = upcast_dot(x, at, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
     if DROPOUT:
@@ -260,10 +217,7 @@ def _lora_fwd_kernel(
         mask_r = offs_r < R - r0
         xa = tl.load(xa_ptrs, mask=mask_r[None, :], other=0.0)
         bt = tl.load(bt_ptrs, mask=mask_r[:, None], other=0.0)
-        if UPCAST:
-            xa = xa.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(xa, bt, acc, input_precision=PRECISION)
+        acc = upcast_dot(xa, bt, acc, UPCAST, PRECISION)
         xa_ptrs += BLOCK_R * stride_xar
         bt_ptrs += BLOCK_R * stride_br
     acc = acc * scaling
@@ -275,10 +229,7 @@ def _lora_fwd_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
         wt = tl.load(wt_ptrs, mask=mask_k[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+        acc = upcast_dot(x, wt, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         wt_ptrs += BLOCK_K * stride_wk
 
@@ -323,10 +274,7 @@ def _lora_dx_bwd_kernel(
         mask_r = offs_r < R - r0
         g = tl.load(g_ptrs, mask=mask_r[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=mask_r[:, None], other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(g, a, acc, input_precision=PRECISION)
+        acc = upcast_dot(g, a, acc, UPCAST, PRECISION)
         g_ptrs += BLOCK_R * stride_gr
         a_ptrs += BLOCK_R * stride_ar
     acc = acc * lora_scale
@@ -340,10 +288,7 @@ def _lora_dx_bwd_kernel(
         mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+        acc = upcast_dot(dy, w, acc, UPCAST, PRECISION)
         dy_ptrs += BLOCK_K * stride_dyn
         w_ptrs += BLOCK_K * stride_wn
 
@@ -383,10 +328,7 @@ def _lora_da_bwd_kernel(
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(_keep_mask(_row_keys(offs_m, seed_key), offs_k, threshold), x, tl.zeros_like(x))
-        if UPCAST:
-            x = x.to(tl.float32)
-            g = g.to(tl.float32)
-        acc = tl.dot(tl.trans(x), g, acc, input_precision=PRECISION)
+        acc = upcast_dot(tl.trans(x), g, acc, UPCAST, PRECISION)
     part_ptrs = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[None, :] * K + offs_k[:, None]
     tl.store(part_ptrs, acc, mask=mask_k[:, None] & mask_r[None, :])
 
@@ -396,48 +338,10 @@ def _lora_da_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype, input_precision: str | None) -> str:
-    if dtype != torch.float32:
-        return "tf32"  # ignored by tl.dot for half operands; one value avoids a second compile
-    if input_precision is None:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    if input_precision not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(f"input_precision must be 'ieee', 'tf32' or 'tf32x3', got {input_precision!r}")
-    return input_precision
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return _INTERPRET and dtype in (torch.float16, torch.bfloat16)
-
-
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The interpreter truncates fp32 -> bf16 in-kernel casts (its round-to-nearest path is broken
-    # too), which doubles the rounding error; there the kernels store fp32 and torch rounds.
-    return torch.float32 if _INTERPRET and dtype == torch.bfloat16 else dtype
-
-
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _m_bucket(m: int) -> int:
-    # Autotune key: configs are re-tuned per power-of-two bucket of M, not per exact M.
-    return min(_pow2_at_least_16(m), 1 << 20)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so that tests see several row splits
-
-
 def _da_rows_per_split(m: int, k: int, device: torch.device) -> int:
     """Rows per program of the dA kernel: enough (K block, row split) programs for ~2 waves."""
-    gran = 16 if _INTERPRET else 128
     k_blocks = triton.cdiv(k, 16 if _INTERPRET else 128)  # fewest K blocks any config makes
-    splits = max(1, triton.cdiv(2 * _num_sms(device), k_blocks))
-    return max(gran, triton.cdiv(triton.cdiv(m, splits), gran) * gran)
+    return common.rows_per_split(m, k_blocks, device)
 
 
 def _check_2d(name: str, t: torch.Tensor, unit_col: bool = False) -> None:
@@ -458,21 +362,21 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed, *, input_precisi
     _check_2d("x", x, unit_col=True)
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=_store_dtype(x.dtype))
+    y = torch.empty((M, N), device=x.device, dtype=store_dtype(x.dtype))
     if M == 0:
         return y, torch.empty((0, R), device=x.device, dtype=x.dtype)
     xa = _lora_xa(x, lora_a, p, seed, input_precision)
     if N == 0:
         return y.to(x.dtype), xa
-    prec, up, mb = _precision(x.dtype, input_precision), _upcast(x.dtype), _m_bucket(M)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    prec, up, mb = precision(x.dtype, input_precision), upcast(x.dtype), m_bucket(M)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else y, xa, lora_b, y,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         M, N, K, R, mb,
         float(scaling),
-        BLOCK_R=min(_pow2_at_least_16(R), 64), HAS_BIAS=bias is not None, UPCAST=up, PRECISION=prec,
+        BLOCK_R=min(pow2(R), 64), HAS_BIAS=bias is not None, UPCAST=up, PRECISION=prec,
     )
     return y.to(x.dtype), xa
 
@@ -480,16 +384,16 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed, *, input_precisi
 def _lora_xa(x, lora_a, p, seed, input_precision):
     M, K = x.shape
     R = lora_a.shape[0]
-    xa = torch.empty((M, R), device=x.device, dtype=_store_dtype(x.dtype))
+    xa = torch.empty((M, R), device=x.device, dtype=store_dtype(x.dtype))
     dropout = p > 0.0
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _lora_xa_fwd_kernel[grid](
         x, lora_a, xa,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
-        M, K, R, _m_bucket(M),
+        M, K, R, m_bucket(M),
         seed_key(seed) if dropout else 0, threshold(p), 1.0 / (1.0 - p),
-        R_PAD=_pow2_at_least_16(R), DROPOUT=dropout, UPCAST=_upcast(x.dtype),
-        PRECISION=_precision(x.dtype, input_precision),
+        R_PAD=pow2(R), DROPOUT=dropout, UPCAST=upcast(x.dtype),
+        PRECISION=precision(x.dtype, input_precision),
     )
     return xa.to(x.dtype)
 
@@ -508,16 +412,16 @@ def lora_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, needs, *, inpu
     s = float(scaling)
     dropout = p > 0.0
     keep_scale = 1.0 / (1.0 - p)
-    prec, up, mb = _precision(x.dtype, input_precision), _upcast(x.dtype), _m_bucket(M)
+    prec, up, mb = precision(x.dtype, input_precision), upcast(x.dtype), m_bucket(M)
     sk, thr = (seed_key(seed) if dropout else 0), threshold(p)
     dx = dweight = dbias = da = db = None
     empty = M == 0 or K == 0  # nothing for the kernels to do (and no grid to launch)
 
     dyb = dy @ lora_b if (need_x or need_a) and not empty else None  # [M, R], unscaled
     if need_x:
-        dx = torch.empty((M, K), device=x.device, dtype=_store_dtype(x.dtype))
+        dx = torch.empty((M, K), device=x.device, dtype=store_dtype(x.dtype))
         if not empty:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
             _lora_dx_bwd_kernel[grid](
                 dy, weight, dyb, lora_a, dx,
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
@@ -525,7 +429,7 @@ def lora_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, needs, *, inpu
                 dx.stride(0), dx.stride(1),
                 M, N, K, R, mb,
                 sk, thr, s * keep_scale if dropout else s,
-                BLOCK_R=min(_pow2_at_least_16(R), 64), DROPOUT=dropout, UPCAST=up, PRECISION=prec,
+                BLOCK_R=min(pow2(R), 64), DROPOUT=dropout, UPCAST=up, PRECISION=prec,
             )
         dx = dx.to(x.dtype)
     if need_a:
@@ -535,13 +439,13 @@ def lora_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, needs, *, inpu
             rows = _da_rows_per_split(M, K, x.device)
             splits = triton.cdiv(M, rows)
             part = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
-            grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
             _lora_da_bwd_kernel[grid](
                 x, dyb, part,
                 x.stride(0), x.stride(1), dyb.stride(0), dyb.stride(1),
                 M, K, R, mb, rows,
                 sk, thr,
-                R_PAD=_pow2_at_least_16(R), DROPOUT=dropout, UPCAST=up, PRECISION=prec,
+                R_PAD=pow2(R), DROPOUT=dropout, UPCAST=up, PRECISION=prec,
             )
             total = part[0] if splits == 1 else part.sum(0)
             da = total.mul_(s * keep_scale if dropout else s).to(lora_a.dtype)

@@ -39,20 +39,17 @@ H100, not yet measured there.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..native.lora_mixed import check_inputs, plan
-from .lora import _precision, _store_dtype, _upcast
+from .common import FLOATS as DTYPES
+from .common import INTERPRET as _INTERPRET
+from .common import Tuning, num_sms, pow2, precision, store_dtype, upcast, upcast_dot
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CONFIG_ENV = "PEFTCORE_TRITON_LORA_MIXED_CONFIG"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile heights: 16 for decode-like batches (one-row segments), 64 for prefill; plan() picks.  The
 # interpreter gets 16 only, smaller than the test segments, so multi-tile segments are exercised.
@@ -74,41 +71,9 @@ _INTERP_CONFIGS = {
     "shrink": {"BLOCK_K": 16, "num_warps": 4, "num_stages": 1},
     "expand": {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
 }
-_KEYS = {"shrink": ("BLOCK_K",), "expand": ("BLOCK_N",)}
-
-
-def _parse_pinned(text: str) -> dict[str, dict[str, int]]:
-    """``"shrink:k=v,...;expand:k=v"`` (or unprefixed for both) -> {kernel or "*": {key: int}}."""
-    out: dict[str, dict[str, int]] = {}
-    for entry in filter(None, (e.strip() for e in text.split(";"))):
-        name, _, body = entry.rpartition(":")
-        name = name.strip() or "*"
-        if name != "*" and name not in _GPU_CONFIGS:
-            raise ValueError(f"{CONFIG_ENV}: unknown kernel {name!r} (one of {', '.join(_GPU_CONFIGS)})")
-        for item in filter(None, (i.strip() for i in body.split(","))):
-            key, _, val = item.partition("=")
-            key = key.strip()
-            allowed = {"BLOCK_K", "BLOCK_N", "num_warps", "num_stages"}
-            if key not in allowed:
-                raise ValueError(f"{CONFIG_ENV}: unknown key {key!r} (one of {', '.join(sorted(allowed))})")
-            out.setdefault(name, {})[key] = int(val)
-    return out
-
-
-def _configs(kernel: str) -> list[triton.Config]:
-    base = [_INTERP_CONFIGS[kernel]] if _INTERPRET else _GPU_CONFIGS[kernel]
-    pinned = _parse_pinned(os.environ.get(CONFIG_ENV, ""))
-    if "*" in pinned or kernel in pinned:
-        merged = dict(base[0])
-        for src in (pinned.get("*", {}), pinned.get(kernel, {})):
-            merged.update({k: v for k, v in src.items() if k in merged})
-        base = [merged]
-    out = []
-    for c in base:
-        c = dict(c)
-        warps, stages = c.pop("num_warps"), c.pop("num_stages")
-        out.append(triton.Config(c, num_warps=warps, num_stages=stages))
-    return out
+_TUNING = Tuning(CONFIG_ENV, _GPU_CONFIGS, _INTERP_CONFIGS)
+_parse_pinned = _TUNING.parse  # "shrink:k=v,...;expand:k=v" (unprefixed: both kernels)
+_configs = _TUNING.configs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +116,7 @@ def _lora_mixed_shrink_kernel(
         mask_k = offs_k < k_hi - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         at = tl.load(at_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            at = at.to(tl.float32)
-        acc = tl.dot(x, at, acc, input_precision=PRECISION)
+        acc = upcast_dot(x, at, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
     # The whole tile is stored: rows past the tile and ranks past R hold zeros (masked loads).
@@ -210,17 +172,10 @@ def _lora_mixed_expand_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so that tests see several K splits
-
-
 def _k_splits(num_programs: int, K: int, device: torch.device) -> tuple[int, int]:
     """(splits, K columns per split): ~2 waves of shrink programs, each split >= a minimum of K."""
     gran, min_k = (16, 16) if _INTERPRET else (64, 256)
-    n = max(1, min(triton.cdiv(2 * _num_sms(device), max(num_programs, 1)), K // min_k))
+    n = max(1, min(triton.cdiv(2 * num_sms(device), max(num_programs, 1)), K // min_k))
     per = triton.cdiv(triton.cdiv(K, n), gran) * gran
     return triton.cdiv(K, per), per
 
@@ -243,21 +198,21 @@ def lora_mixed_fwd(x, weight, bias, lora_a, lora_b, scaling, rows, *, input_prec
     J, R = lora_a.shape[:2]
     tiles, bm = plan(rows, J, BLOCK_MS)
     with torch.no_grad():
-        y = F.linear(x, weight, bias).to(_store_dtype(x.dtype))
+        y = F.linear(x, weight, bias).to(store_dtype(x.dtype))
     T = tiles.shape[0]
     if T == 0 or N == 0 or K == 0 or R == 0:
         return y.to(x.dtype)
-    r_pad = max(16, triton.next_power_of_2(R))
+    r_pad = pow2(R)
     block_r = min(r_pad, 16 if _INTERPRET else 64)
     r_blocks = r_pad // block_r
     splits, k_per = _k_splits(T * r_blocks, K, x.device)
     part = torch.empty((splits, T, bm, r_pad), device=x.device, dtype=torch.float32)
-    prec = _precision(x.dtype, input_precision)
+    prec = precision(x.dtype, input_precision)
     _lora_mixed_shrink_kernel[(T, splits, r_blocks)](
         x, lora_a, tiles, part,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         K, R, T, k_per,
-        R_PAD=r_pad, BLOCK_R=block_r, UPCAST=_upcast(x.dtype), PRECISION=prec, BLOCK_M=bm,
+        R_PAD=r_pad, BLOCK_R=block_r, UPCAST=upcast(x.dtype), PRECISION=prec, BLOCK_M=bm,
     )
     grid = lambda meta: (T, triton.cdiv(N, meta["BLOCK_N"]))
     _lora_mixed_expand_kernel[grid](

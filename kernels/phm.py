@@ -60,16 +60,17 @@ be prefixed by a kernel name (``fwd:``, ``dx:``, ``dw:``); keys a kernel lacks a
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ..native.phm import _like, _rows_2d
+from . import common
+from .common import m_bucket, pow2, precision, store_dtype, upcast, upcast_dot
+
+_INTERPRET, _SMEM_BUDGET = common.INTERPRET, common.SMEM_BUDGET
 CONFIG_ENV = "PEFTCORE_TRITON_PHM_CONFIG"
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = common.FLOATS
 
 # ---------------------------------------------------------------------------------------------
 # Configs.  Educated guesses for H100, to be re-measured: the op is bound by reading x / dy, so
@@ -100,46 +101,9 @@ _INTERP_CONFIGS = {
     "dx": {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_Q": 16, "num_warps": 4, "num_stages": 1},
     "dw": {"BLOCK_M": 16, "BLOCK_W": 16, "num_warps": 4, "num_stages": 1},
 }
-_ALL_KEYS = {"BLOCK_M", "BLOCK_P", "BLOCK_Q", "BLOCK_W", "num_warps", "num_stages"}
-
-
-def _parse_pinned(text: str) -> dict[str, dict[str, int]]:
-    """``"k=v,...;dx:k=v,..."`` -> {kernel or "*": {key: int}}; raises on unknown keys/kernels."""
-    out: dict[str, dict[str, int]] = {}
-    for entry in filter(None, (e.strip() for e in text.split(";"))):
-        name, _, body = entry.rpartition(":")
-        name = name.strip() or "*"
-        if name != "*" and name not in _GPU_CONFIGS:
-            raise ValueError(f"{CONFIG_ENV}: unknown kernel {name!r} (one of {', '.join(_GPU_CONFIGS)})")
-        for item in filter(None, (i.strip() for i in body.split(","))):
-            key, _, val = item.partition("=")
-            key = key.strip()
-            if key not in _ALL_KEYS:
-                raise ValueError(f"{CONFIG_ENV}: unknown key {key!r} (one of {', '.join(sorted(_ALL_KEYS))})")
-            try:
-                out.setdefault(name, {})[key] = int(val)
-            except ValueError:
-                raise ValueError(f"{CONFIG_ENV}: {key} must be an integer, got {val.strip()!r}") from None
-    return out
-
-
-def _configs(kernel: str) -> list[triton.Config]:
-    base = [_INTERP_CONFIGS[kernel]] if _INTERPRET else _GPU_CONFIGS[kernel]
-    pinned = _parse_pinned(os.environ.get(CONFIG_ENV, ""))
-    if "*" in pinned or kernel in pinned:
-        merged = dict(base[0])
-        for src in (pinned.get("*", {}), pinned.get(kernel, {})):
-            merged.update({k: v for k, v in src.items() if k in merged})
-        base = [merged]
-    configs = []
-    for c in base:
-        c = dict(c)
-        warps, stages = c.pop("num_warps"), c.pop("num_stages")
-        configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
-    return configs
-
-
-_SMEM_BUDGET = 220 * 1024  # H100: 227 KiB of shared memory per block, less some for layout conversions
+_TUNING = common.Tuning(CONFIG_ENV, _GPU_CONFIGS, _INTERP_CONFIGS)
+_parse_pinned = _TUNING.parse  # "k=v,...;dx:k=v,..." -> {kernel or "*": {key: int}}
+_configs = _TUNING.configs
 _TILE_REGS = 96  # fp32 registers per thread the t3 / dt3 tiles may take before the kernel spills
 
 
@@ -166,20 +130,17 @@ def _pruner(kernel: str, ptr: str):
         elt = named_args[ptr].element_size()
         n_pad, nk_pad = kwargs.get("N_PAD", 2), kwargs.get("NK_PAD", 16)
 
-        def fits(c):
-            smem = _smem_bytes(kernel, c.kwargs, c.num_stages, elt, nk_pad)
-            return smem <= _SMEM_BUDGET and _tile_regs(kernel, c.kwargs, c.num_warps, n_pad, nk_pad) <= _TILE_REGS
+        def smem(c, stages):
+            return _smem_bytes(kernel, c.kwargs, stages, elt, nk_pad)
 
-        kept = [c for c in configs if fits(c)]
-        if kept:
-            return kept
+        def regs(c):
+            return _tile_regs(kernel, c.kwargs, c.num_warps, n_pad, nk_pad)
+
+        def fits(c):
+            return smem(c, c.num_stages) <= _SMEM_BUDGET and regs(c) <= _TILE_REGS
+
         # Nothing fits: the least register-hungry config, with stages cut until its tiles fit smem.
-        c = min(configs, key=lambda c: (_tile_regs(kernel, c.kwargs, c.num_warps, n_pad, nk_pad),
-                                        _smem_bytes(kernel, c.kwargs, c.num_stages, elt, nk_pad)))
-        stages = c.num_stages
-        while stages > 1 and _smem_bytes(kernel, c.kwargs, stages, elt, nk_pad) > _SMEM_BUDGET:
-            stages -= 1
-        return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages)]
+        return common.prune_to_budget(configs, fits, lambda c: (regs(c), smem(c, c.num_stages)), smem)
 
     return {"early_config_prune": prune}
 
@@ -206,6 +167,39 @@ def _dot_f32(a, b, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def _block_in(a_ptrs, f_ptrs, width, offs_w, mask_c, acc, F_STEP: tl.constexpr, BLOCK: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # acc [BLOCK_M, NK_PAD] + a block of rows [BLOCK_M, width] (a_ptrs: its first BLOCK columns) times
+    # a factor [width, NK_PAD] (f_ptrs: its first BLOCK rows, F_STEP elements apart), BLOCK at a time.
+    for w0 in range(0, width, BLOCK):
+        mask_w = offs_w < width - w0
+        a = tl.load(a_ptrs, mask=mask_w[None, :], other=0.0)
+        f = tl.load(f_ptrs, mask=mask_w[:, None] & mask_c[None, :], other=0.0)
+        acc = upcast_dot(a, f, acc, UPCAST, PRECISION)
+        a_ptrs += BLOCK
+        f_ptrs += BLOCK * F_STEP
+    return acc
+
+
+@triton.jit
+def _block_out(v, f_ptrs, out_rows, bias_ptr, col0, width, offs_w, mask_m, mask_c, F_STEP: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    # Stores columns [col0, col0 + width) of out_rows (pointers to the rows' starts) = v [BLOCK_M, NK_PAD]
+    # (fp32) times a factor [NK_PAD, width] (f_ptrs: its first BLOCK columns, F_STEP elements apart)
+    # + bias, BLOCK columns at a time.  Output addresses are recomputed per chunk, not carried.
+    for w0 in range(0, width, BLOCK):
+        mask_w = offs_w < width - w0
+        f = tl.load(f_ptrs, mask=mask_c[:, None] & mask_w[None, :], other=0.0).to(tl.float32)
+        out = _dot_f32(v, f, tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32), SPLIT, PRECISION)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + col0 + w0 + offs_w, mask=mask_w, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_rows + (col0 + w0 + offs_w)[None, :], out.to(out_rows.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_w[None, :])
+        f_ptrs += BLOCK * F_STEP
 
 
 @triton.jit
@@ -248,19 +242,10 @@ def _phm_fwd_kernel(
 
     t3 = tl.zeros((BLOCK_M, N_PAD, NK_PAD), dtype=tl.float32)
     for a in range(PHM_N):
-        acc = tl.zeros((BLOCK_M, NK_PAD), dtype=tl.float32)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (a * P + offs_p)[None, :]
         wl_ptrs = wl_ptr + offs_p[:, None] * RANK + wl_cols[None, :]
-        for p0 in range(0, P, BLOCK_P):
-            mask_p = offs_p < P - p0
-            xt = tl.load(x_ptrs, mask=mask_p[None, :], other=0.0)
-            wl = tl.load(wl_ptrs, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                wl = wl.to(tl.float32)
-            acc = tl.dot(xt, wl, acc, input_precision=PRECISION)
-            x_ptrs += BLOCK_P
-            wl_ptrs += BLOCK_P * RANK
+        acc = _block_in(x_ptrs, wl_ptrs, P, offs_p, mask_c, tl.zeros((BLOCK_M, NK_PAD), dtype=tl.float32),
+                        RANK, BLOCK_P, UPCAST, PRECISION)
         t3 = tl.where((offs_n == a)[None, :, None], acc[:, None, :], t3)
 
     rows3 = offs_m.to(tl.int64)[:, None, None] * (PHM_N * NK)
@@ -272,16 +257,8 @@ def _phm_fwd_kernel(
     for b in range(PHM_N):
         u = tl.sum(t3 * _rule_column(rule_ptr, b, offs_n, ci, mask_nc, PHM_N)[None, :, :], axis=1)
         wr_ptrs = wr_ptr + offs_c[:, None] * Q + offs_q[None, :]  # W_right viewed as [n·k, Q]
-        for q0 in range(0, Q, BLOCK_Q):
-            mask_q = offs_q < Q - q0
-            wr = tl.load(wr_ptrs, mask=mask_c[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
-            y = _dot_f32(u, wr, tl.zeros((BLOCK_M, BLOCK_Q), dtype=tl.float32), SPLIT, PRECISION)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + b * Q + q0 + offs_q, mask=mask_q, other=0.0)
-                y += bias.to(tl.float32)[None, :]
-            tl.store(y_ptr + rows + (b * Q + q0 + offs_q)[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=mask_m[:, None] & mask_q[None, :])
-            wr_ptrs += BLOCK_Q
+        _block_out(u, wr_ptrs, y_ptr + rows, bias_ptr, b * Q, Q, offs_q, mask_m, mask_c, 1, HAS_BIAS,
+                   BLOCK_M, BLOCK_Q, SPLIT, PRECISION)
 
 
 @triton.autotune(configs=_configs("dx"), prune_configs_by=_pruner("dx", "dy_ptr"),
@@ -330,16 +307,7 @@ def _phm_dx_bwd_kernel(
         if NEED_X or STORE_DT or NEED_RULE:  # u alone needs no pass over dy
             dy_ptrs = dy_ptr + rm[:, None] * stride_dym + (b * Q + offs_q)[None, :]
             wrt_ptrs = wr_ptr + offs_q[:, None] + offs_c[None, :] * Q  # W_rightᵀ tile [BLOCK_Q, NK_PAD]
-            for q0 in range(0, Q, BLOCK_Q):
-                mask_q = offs_q < Q - q0
-                g = tl.load(dy_ptrs, mask=mask_q[None, :], other=0.0)
-                wrt = tl.load(wrt_ptrs, mask=mask_q[:, None] & mask_c[None, :], other=0.0)
-                if UPCAST:
-                    g = g.to(tl.float32)
-                    wrt = wrt.to(tl.float32)
-                du = tl.dot(g, wrt, du, input_precision=PRECISION)
-                dy_ptrs += BLOCK_Q
-                wrt_ptrs += BLOCK_Q
+            du = _block_in(dy_ptrs, wrt_ptrs, Q, offs_q, mask_c, du, 1, BLOCK_Q, UPCAST, PRECISION)
         rule_b = _rule_column(rule_ptr, b, offs_n, ci, mask_nc, PHM_N)  # [a, c]
         if NEED_X or STORE_DT:
             dt3 += du[:, None, :] * rule_b[None, :, :]
@@ -360,13 +328,8 @@ def _phm_dx_bwd_kernel(
                 tl.store(dt_ptr + rows3 + a * NK + offs_c[None, :], dt, mask=mask_mc)
             if NEED_X:
                 wlt_ptrs = wl_ptr + wl_cols[:, None] + offs_p[None, :] * RANK  # W_leftᵀ tile [NK_PAD, BLOCK_P]
-                for p0 in range(0, P, BLOCK_P):
-                    mask_p = offs_p < P - p0
-                    wlt = tl.load(wlt_ptrs, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-                    dx = _dot_f32(dt, wlt, tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32), SPLIT, PRECISION)
-                    tl.store(dx_ptr + rows + (a * P + p0 + offs_p)[None, :], dx.to(dx_ptr.dtype.element_ty),
-                             mask=mask_m[:, None] & mask_p[None, :])
-                    wlt_ptrs += BLOCK_P * RANK
+                _block_out(dt, wlt_ptrs, dx_ptr + rows, dx_ptr, a * P, P, offs_p, mask_m, mask_c, RANK, False,
+                           BLOCK_M, BLOCK_P, SPLIT, PRECISION)
 
 
 @triton.autotune(configs=_configs("dw"), prune_configs_by=_pruner("dw", "a_ptr"),
@@ -413,75 +376,24 @@ def _phm_dw_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype, input_precision: str | None) -> str:
-    if input_precision is not None and input_precision not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(f"input_precision must be 'ieee', 'tf32' or 'tf32x3', got {input_precision!r}")
-    if dtype != torch.float32:
-        return "tf32"  # ignored by tl.dot for half operands; one value avoids a second compile
-    if input_precision is None:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return input_precision
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return _INTERPRET and dtype in (torch.float16, torch.bfloat16)
-
-
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The interpreter truncates fp32 -> bf16 in-kernel casts, which doubles the rounding error;
-    # there the kernels store fp32 and torch rounds.
-    return torch.float32 if _INTERPRET and dtype == torch.bfloat16 else dtype
-
-
-def _pow2(n: int, least: int) -> int:
-    return max(least, triton.next_power_of_2(n))
-
-
-def _m_bucket(m: int) -> int:
-    # Autotune key: configs are re-tuned per power-of-two bucket of M, not per exact M.
-    return min(_pow2(m, 16), 1 << 20)
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so that tests see several row splits
-
-
 def _dw_rows_per_split(rows: int, width: int, device: torch.device) -> int:
     """Rows per program of the weight-gradient kernel: enough programs for ~2 waves."""
-    gran = 16 if _INTERPRET else 128
     w_blocks = triton.cdiv(width, min(c.kwargs["BLOCK_W"] for c in _phm_dw_bwd_kernel.configs))
-    splits = max(1, triton.cdiv(2 * _num_sms(device), w_blocks))
-    return max(gran, triton.cdiv(triton.cdiv(rows, splits), gran) * gran)
-
-
-def _check_2d(name: str, t, rows_hint: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [{rows_hint}], got shape {tuple(t.shape)}")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have unit column stride, got strides {t.stride()}")
+    return common.rows_per_split(rows, w_blocks, device)
 
 
 def _check_factors(x, rule, w_left, w_right, **others):
     """Shapes, dtypes and devices of x, the factors and ``others`` (bias or dy: dtype and device
-    only); returns contiguous factors and (n, P, k, Q)."""
-    _check_2d("x", x, "M, in")
+    only); returns contiguous factors and (n, P, k, Q).  The 2-D and same-dtype/device checks are
+    the native backend's (:mod:`peftcore.native.phm`), so both backends raise the same errors."""
+    _rows_2d("x", x)
     if x.dtype not in FLOATS:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"x is on {x.device}: the Triton kernels run on CUDA devices "
                          "(or on the CPU with TRITON_INTERPRET=1 set before triton is imported)")
     for name, t in (("rule", rule), ("w_left", w_left), ("w_right", w_right), *others.items()):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share a dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+        _like(name, t, x, tuple(getattr(t, "shape", ())))  # shapes are checked below
     if rule.dim() != 3 or not (rule.shape[0] == rule.shape[1] == rule.shape[2]) or rule.shape[0] < 1:
         raise ValueError(f"rule must be [n, n, n] with n = phm_dim >= 1, got shape {tuple(rule.shape)}")
     n = rule.shape[0]
@@ -499,7 +411,7 @@ def _check_factors(x, rule, w_left, w_right, **others):
 
 def _pads(n: int, k: int) -> tuple[int, int]:
     # n is padded to 2 at least so that no register tile has a dimension of size 1.
-    return _pow2(n, 2), _pow2(n * k, 16)
+    return pow2(n, 2), pow2(n * k, 16)
 
 
 def phm_fwd(x, rule, w_left, w_right, bias, *, input_precision=None):
@@ -517,9 +429,9 @@ def phm_fwd(x, rule, w_left, w_right, bias, *, input_precision=None):
         if tuple(bias.shape) != (n * Q,):
             raise ValueError(f"bias must be [out = n·Q = {n * Q}] or None, got shape {tuple(bias.shape)}")
         bias = bias.contiguous()
-    prec = _precision(x.dtype, input_precision)
+    prec = precision(x.dtype, common.check_precision(input_precision))
     M = x.shape[0]
-    sdt = _store_dtype(x.dtype)
+    sdt = store_dtype(x.dtype)
     y = torch.empty((M, n * Q), device=x.device, dtype=sdt)
     t = torch.empty((M, n, n, k), device=x.device, dtype=sdt)
     if M > 0:
@@ -528,9 +440,9 @@ def phm_fwd(x, rule, w_left, w_right, bias, *, input_precision=None):
         _phm_fwd_kernel[grid](
             x, rule, w_left, w_right, bias if bias is not None else y, y, t,
             x.stride(0), y.stride(0),
-            M, P, Q, _m_bucket(M),
+            M, P, Q, m_bucket(M),
             PHM_N=n, RANK=k, N_PAD=n_pad, NK_PAD=nk_pad,
-            HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), SPLIT=x.dtype != torch.float32, PRECISION=prec,
+            HAS_BIAS=bias is not None, UPCAST=upcast(x.dtype), SPLIT=x.dtype != torch.float32, PRECISION=prec,
         )
     return y.to(x.dtype), t.to(x.dtype)
 
@@ -543,7 +455,7 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs, *, input_precision=None):
     dtype, each factor's gradient in that factor's dtype, dbias in dy's.
     """
     rule, w_left, w_right, (n, P, k, Q) = _check_factors(x, rule, w_left, w_right, dy=dy)
-    _check_2d("dy", dy, "M, out")
+    _rows_2d("dy", dy)
     M = x.shape[0]
     if tuple(dy.shape) != (M, n * Q):
         raise ValueError(f"dy must be [M={M}, out = n·Q = {n * Q}], got shape {tuple(dy.shape)}")
@@ -556,7 +468,7 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs, *, input_precision=None):
         raise ValueError(f"needs must be 5 bools (x, rule, w_left, w_right, bias), got {needs!r}")
     need_x, need_rule, need_wl, need_wr, need_bias = (bool(v) for v in needs)
     t = t.contiguous()
-    prec, split = _precision(x.dtype, input_precision), x.dtype != torch.float32
+    prec, split = precision(x.dtype, common.check_precision(input_precision)), x.dtype != torch.float32
     dev, f32 = x.device, torch.float32
     dx = drule = dwl = dwr = dbias = None
 
@@ -569,7 +481,7 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs, *, input_precision=None):
         return zero(x, need_x), zero(rule, need_rule), zero(w_left, need_wl), zero(w_right, need_wr), dbias
 
     n_pad, nk_pad = _pads(n, k)
-    dx_buf = torch.empty((M, n * P), device=dev, dtype=_store_dtype(x.dtype)) if need_x else None
+    dx_buf = torch.empty((M, n * P), device=dev, dtype=store_dtype(x.dtype)) if need_x else None
     dt = torch.empty((M, n, n * k), device=dev, dtype=f32) if need_wl else None
     u = torch.empty((M, n, n * k), device=dev, dtype=f32) if need_wr else None
     max_programs = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in _phm_dx_bwd_kernel.configs))
@@ -587,10 +499,10 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs, *, input_precision=None):
         dx_buf if need_x else spare, dt if need_wl else spare, u if need_wr else spare,
         rpart if need_rule else spare,
         dy.stride(0), dx_buf.stride(0) if need_x else 0,
-        M, P, Q, _m_bucket(M),
+        M, P, Q, m_bucket(M),
         PHM_N=n, RANK=k, N_PAD=n_pad, NK_PAD=nk_pad,
         NEED_X=need_x, STORE_DT=need_wl, STORE_U=need_wr, NEED_RULE=need_rule,
-        UPCAST=_upcast(x.dtype), SPLIT=split, PRECISION=prec,
+        UPCAST=upcast(x.dtype), SPLIT=split, PRECISION=prec,
     )
     if need_x:
         dx = dx_buf.to(x.dtype)
@@ -617,7 +529,7 @@ def _dw(a, g, n, k, width, prec, split):
     _phm_dw_bwd_kernel[grid](
         a, g, part,
         a.stride(0),
-        rows, width, _m_bucket(rows), per_split,
+        rows, width, m_bucket(rows), per_split,
         PHM_N=n, RANK=k, NK_PAD=_pads(n, k)[1], SPLIT=split, PRECISION=prec,
     )
     return part[0] if splits == 1 else part.sum(0)

@@ -1,6 +1,12 @@
-"""Tiny transformers models built from configs (no download) for model-level tests."""
+"""Helpers shared by test modules: tiny transformers models built from configs (no download) for
+model-level tests, the device setup of the Triton kernel tests, and the benchmarks' smoke run."""
 
+import json
+import time
+
+import pytest
 import torch
+from hypothesis import HealthCheck
 
 
 def tiny_model(kind: str, seed: int = 0):
@@ -31,3 +37,42 @@ def tiny_inputs(seed: int = 1, batch: int = 2, seq: int = 9):
 def model_out(model, ids):
     out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# --------------------------------------------------------------------------- Triton kernel tests
+
+# On a machine without CUDA the kernels run under the interpreter (conftest).
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (Triton runs compiled kernels only there)")
+SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+
+
+def gpu_configs(kernels, kernel: str) -> list:
+    """``kernels._GPU_CONFIGS[kernel]`` (dicts holding num_warps and num_stages among the block
+    sizes) as the ``triton.Config`` list the autotuner's pruner sees."""
+    import triton
+
+    out = []
+    for c in kernels._GPU_CONFIGS[kernel]:
+        c = dict(c)
+        out.append(triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages")))
+    return out
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+SMOKE_ARGS = ["--preset", "smoke", "--device", "cpu", "--no-progress", "--no-print"]
+
+
+def run_bench_smoke(op: str, out):
+    """``peftcore bench <op>`` on the smoke preset (CPU) into ``out``: (out, file stem, the JSON, seconds)."""
+    from peftcore.bench import main
+
+    t0 = time.perf_counter()
+    rc = main([op, *SMOKE_ARGS, "--out", str(out)])
+    elapsed = time.perf_counter() - t0
+    assert rc == 0
+    stem = op.replace("-", "_") + "_cpu_smoke"
+    return out, stem, json.loads((out / f"{stem}.json").read_text()), elapsed

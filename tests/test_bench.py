@@ -1,12 +1,13 @@
 """The benchmark harness: the smoke preset end to end, the row format and the saved-bytes metric."""
 
 import json
-import time
 
 import pytest
 import torch
 
 from peftcore.bench import harness, list_benches, main
+
+from .helpers import run_bench_smoke
 
 REQUIRED = {
     "op", "provider", "mode", "dtype", "shape", "p50_ms", "p20_ms", "p80_ms", "peak_mem_bytes",
@@ -17,12 +18,7 @@ REQUIRED = {
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    t0 = time.perf_counter()
-    rc = main(["lora", "--preset", "smoke", "--device", "cpu", "--out", str(out), "--no-progress", "--no-print"])
-    elapsed = time.perf_counter() - t0
-    assert rc == 0
-    data = json.loads((out / "lora_cpu_smoke.json").read_text())
+    out, _, data, elapsed = run_bench_smoke("lora", tmp_path_factory.mktemp("bench"))
     return out, data, elapsed
 
 

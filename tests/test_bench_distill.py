@@ -4,7 +4,6 @@ the row format, skipped providers and the target logic."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,32 +14,24 @@ from peftcore.bench.distill import TARGETS as KL_TARGETS
 from peftcore.bench.distill import evaluate_targets
 from peftcore.bench.fused_distill import TARGETS as FUSED_TARGETS
 
+from .helpers import run_bench_smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {
     "op", "provider", "mode", "dtype", "shape", "p50_ms", "p20_ms", "p80_ms", "peak_mem_bytes",
     "saved_bytes", "ratio_to_floor", "ratio_to_baseline", "tflops", "gbps", "device", "torch",
     "triton", "commit", "timestamp", "peak_mem_logits", "saved_logits", "logits_bytes", "check_rel_err",
 }
-ARGS = ["--preset", "smoke", "--device", "cpu", "--no-progress", "--no-print"]
-
-
-def _run(op, out):
-    t0 = time.perf_counter()
-    rc = main([op, *ARGS, "--out", str(out)])
-    elapsed = time.perf_counter() - t0
-    assert rc == 0
-    stem = op.replace("-", "_") + "_cpu_smoke"
-    return out, stem, json.loads((out / f"{stem}.json").read_text()), elapsed
 
 
 @pytest.fixture(scope="module")
 def kl(tmp_path_factory):
-    return _run("distill", tmp_path_factory.mktemp("bench_distill"))
+    return run_bench_smoke("distill", tmp_path_factory.mktemp("bench_distill"))
 
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
-    return _run("fused-distill", tmp_path_factory.mktemp("bench_fused"))
+    return run_bench_smoke("fused-distill", tmp_path_factory.mktemp("bench_fused"))
 
 
 def _files_ok(out, stem, data, elapsed, op):

@@ -4,7 +4,6 @@ provider's setup against an independent computation, the output check, the case 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from peftcore.bench.phm import BENCH as PHM
 from peftcore.bench.phm import TARGETS as PHM_TARGETS
 from peftcore.bench.phm import shape_targets
 
+from .helpers import run_bench_smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 REQUIRED = {
@@ -26,25 +27,16 @@ REQUIRED = {
     "peak_mem_bytes", "saved_bytes", "ratio_to_floor", "ratio_to_baseline", "flops", "tflops", "bytes",
     "gbps", "is_default", "device", "device_kind", "torch", "triton", "commit", "timestamp", "check_rel_err",
 }
-ARGS = ["--preset", "smoke", "--device", "cpu", "--no-progress", "--no-print"]
-
-
-def _run(op, out):
-    t0 = time.perf_counter()
-    assert main([op, *ARGS, "--out", str(out)]) == 0
-    elapsed = time.perf_counter() - t0
-    stem = op.replace("-", "_") + "_cpu_smoke"
-    return out, stem, json.loads((out / f"{stem}.json").read_text()), elapsed
 
 
 @pytest.fixture(scope="module")
 def phm(tmp_path_factory):
-    return _run("phm", tmp_path_factory.mktemp("bench_phm"))
+    return run_bench_smoke("phm", tmp_path_factory.mktemp("bench_phm"))
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    return _run("lora-mixed", tmp_path_factory.mktemp("bench_mixed"))
+    return run_bench_smoke("lora-mixed", tmp_path_factory.mktemp("bench_mixed"))
 
 
 def _files_ok(out, stem, data, elapsed, op, floor, baseline):

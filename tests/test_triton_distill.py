@@ -14,23 +14,20 @@ import os
 import pytest
 import torch
 
+from .helpers import DEV, SETTINGS, gpu, needs_cuda
+
 if not torch.cuda.is_available():
     # Must precede the first import of triton-decorated kernels (triton.jit reads it then).
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 kd = importlib.import_module("peftcore.kernels.distill")  # kernels/ is installed as peftcore.kernels
 from peftcore.losses import distill_kl  # noqa: E402
 from peftcore.reference import distill as ref  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (Triton runs compiled kernels only there)")
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 KINDS = ("forward", "reverse", "jsd")
 EPS32 = 2.0**-24
 

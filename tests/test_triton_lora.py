@@ -13,13 +13,15 @@ import os
 import pytest
 import torch
 
+from .helpers import CUDA, DEV, SETTINGS, gpu, gpu_configs, needs_cuda
+
 if not torch.cuda.is_available():
     # Must precede the first import of triton-decorated kernels (triton.jit reads it then).
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 tk = importlib.import_module("peftcore.kernels.lora")  # kernels/ is installed as peftcore.kernels
@@ -28,11 +30,6 @@ from peftcore.ops import lora_linear  # noqa: E402
 from peftcore.reference import lora as ref  # noqa: E402
 from peftcore.reference import rng as rrng  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (Triton runs compiled kernels only there)")
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ALL = (True, True, True, True, True)
 
 
@@ -324,19 +321,12 @@ def test_pinned_config_applies(monkeypatch):
 
 
 def test_pruner_respects_shared_memory():
-    def cfgs(kernel):
-        out = []
-        for c in tk._GPU_CONFIGS[kernel]:
-            c = dict(c)
-            out.append(triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages")))
-        return out
-
     for kernel, ptr in (("fwd", "x_ptr"), ("dx", "dy_ptr"), ("xa", "x_ptr"), ("da", "x_ptr")):
         prune = tk._pruner(kernel, ptr)["early_config_prune"]
         for dtype in (torch.bfloat16, torch.float32):
             for r_pad in (16, 256):
                 kw = {"R_PAD": r_pad} if kernel in ("xa", "da") else {"BLOCK_R": min(r_pad, 64)}
-                kept = prune(cfgs(kernel), {ptr: torch.empty(1, dtype=dtype)}, **kw)
+                kept = prune(gpu_configs(tk, kernel), {ptr: torch.empty(1, dtype=dtype)}, **kw)
                 assert kept, (kernel, dtype, r_pad)
                 elt = torch.empty(0, dtype=dtype).element_size()
                 for c in kept:

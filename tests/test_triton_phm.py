@@ -18,27 +18,26 @@ import os
 import pytest
 import torch
 
+from .helpers import CUDA, DEV, SETTINGS, gpu, gpu_configs, needs_cuda
+
 if not torch.cuda.is_available():
     # Must precede the first import of triton-decorated kernels (triton.jit reads it then).
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
 import triton.language as tl
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 tk = importlib.import_module("peftcore.kernels.phm")  # kernels/ is installed as peftcore.kernels
 from peftcore.ops import phm_linear
 from peftcore.reference import phm as ref
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (Triton runs compiled kernels only there)")
-SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 ALL = (True, True, True, True, True)
 GRADS = ("dx", "drule", "dw_left", "dw_right", "dbias")
 odd = st.integers(0, 9).map(lambda v: 2 * v + 1)
+# The factor shapes every property test draws from: n = phm_dim, odd block widths P and Q, rank k.
+FACTORS = {"n": st.sampled_from([1, 2, 3, 4]), "P": odd, "Q": odd, "k": st.sampled_from([1, 2, 3])}
 
 
 def d64(t):
@@ -113,10 +112,7 @@ def check_all(M, n, P, Q, k, x, rule, wl, wr, b, dy, needs, tol):
 @settings(**SETTINGS)
 @given(
     M=st.integers(1, 40),
-    n=st.sampled_from([1, 2, 3, 4]),
-    P=odd,
-    Q=odd,
-    k=st.sampled_from([1, 2, 3]),
+    **FACTORS,
     bias=st.booleans(),
     pad=st.sampled_from([0, 3]),
     needs=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans()),
@@ -186,10 +182,7 @@ def test_weight_gradients_are_deterministic():
 @settings(max_examples=6, **SETTINGS)
 @given(
     M=st.integers(2, 40),
-    n=st.sampled_from([1, 2, 3, 4]),
-    P=odd,
-    Q=odd,
-    k=st.sampled_from([1, 2, 3]),
+    **FACTORS,
     seed=st.integers(0, 2**16),
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -220,10 +213,7 @@ def test_half_matches_formula(dtype, M, n, P, Q, k, seed):
 @settings(**SETTINGS)
 @given(
     layout=st.sampled_from(["3d", "transposed", "strided_last"]),
-    n=st.sampled_from([1, 2, 3, 4]),
-    P=odd,
-    Q=odd,
-    k=st.sampled_from([1, 2, 3]),
+    **FACTORS,
     bias=st.booleans(),
     trainable=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans()),
     seed=st.integers(0, 2**16),
@@ -344,29 +334,22 @@ def test_pinned_config_parsing(monkeypatch):
 
 @pytest.mark.parametrize("n,k", [(4, 1), (4, 8), (12, 1), (8, 8), (16, 8)])
 def test_pruner_respects_budgets(n, k):
-    def cfgs(kernel):
-        out = []
-        for c in tk._GPU_CONFIGS[kernel]:
-            c = dict(c)
-            out.append(triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages")))
-        return out
-
     n_pad, nk_pad = tk._pads(n, k)
     for kernel, ptr in (("fwd", "x_ptr"), ("dx", "dy_ptr"), ("dw", "a_ptr")):
         prune = tk._pruner(kernel, ptr)["early_config_prune"]
         for dtype in (torch.bfloat16, torch.float32):
-            kept = prune(cfgs(kernel), {ptr: torch.empty(1, dtype=dtype)}, N_PAD=n_pad, NK_PAD=nk_pad)
+            kept = prune(gpu_configs(tk, kernel), {ptr: torch.empty(1, dtype=dtype)}, N_PAD=n_pad, NK_PAD=nk_pad)
             assert kept, (kernel, dtype)
             elt = torch.empty(0, dtype=dtype).element_size()
             for c in kept:
                 assert tk._smem_bytes(kernel, c.kwargs, c.num_stages, elt, nk_pad) <= tk._SMEM_BUDGET
             regs = [tk._tile_regs(kernel, c.kwargs, c.num_warps, n_pad, nk_pad) for c in kept]
             # Either every kept config fits the register budget, or the one least hungry is kept.
-            least = min(tk._tile_regs(kernel, c.kwargs, c.num_warps, n_pad, nk_pad) for c in cfgs(kernel))
+            least = min(tk._tile_regs(kernel, c.kwargs, c.num_warps, n_pad, nk_pad) for c in gpu_configs(tk, kernel))
             assert max(regs) <= tk._TILE_REGS or (len(kept) == 1 and regs[0] == least), (kernel, regs)
     if (n, k) == (4, 1):  # Compacter's default keeps the whole list
         assert len(tk._pruner("fwd", "x_ptr")["early_config_prune"](
-            cfgs("fwd"), {"x_ptr": torch.empty(1)}, N_PAD=n_pad, NK_PAD=nk_pad)) == len(cfgs("fwd"))
+            gpu_configs(tk, "fwd"), {"x_ptr": torch.empty(1)}, N_PAD=n_pad, NK_PAD=nk_pad)) == len(gpu_configs(tk, "fwd"))
 
 
 # --------------------------------------------------------------------------- GPU only

@@ -26,7 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of, require_backend
+from .harness import (Bench, Case, Setup, Skip, csv, default_vs_baseline, dtype_name, dtype_of, find_target,
+                      registry_default, require_backend)
 
 OURS = ("reference", "triton", "cpp", "cuda")
 PROVIDERS = ("torch_eager", "torch_compile", "liger") + OURS
@@ -163,10 +164,7 @@ class DistillBench(Bench):
 
     def cases(self, args) -> list[Case]:
         preset = self.presets[args.preset]
-        providers = args.providers or list(self.providers)
-        for name in providers:
-            if name not in self.providers:
-                raise SystemExit(f"unknown provider {name!r}; choose from {', '.join(self.providers)}")
+        providers = self.chosen_providers(args)
         self._compile_skip = None
         if args.preset == "smoke" and "torch_compile" not in (args.providers or []):
             self._compile_skip = ("not run in the smoke preset: the inductor warm-up takes 6-25 s cold on 2 "
@@ -181,13 +179,7 @@ class DistillBench(Bench):
         return cases
 
     def default_provider(self, device, dtype: str) -> str | None:
-        from .. import backends
-        import peftcore.losses.distill  # noqa: F401  (registers the op)
-
-        try:
-            return backends.select("distill_kl", device, dtype_of(dtype))
-        except Exception:
-            return None
+        return registry_default("distill_kl", device, dtype, registers="peftcore.losses.distill")
 
     # ------------------------------------------------------------------ providers
 
@@ -303,20 +295,8 @@ class DistillBench(Bench):
 def evaluate_targets(rows, meta, baseline, targets, logits_peak: bool) -> list[dict]:
     """Per (dtype, shape), full mode: the default provider's speedup over the baseline and its peak
     memory (in logits units, or relative to the baseline's peak), with status where a target applies."""
-    default = meta.get("default_backend") or {}
-    full = [r for r in rows if r["mode"] == "full"]
-    index = {(r["provider"], r["dtype"], tuple(r["shape"].items())): r for r in full}
-    shapes = []
-    for r in full:
-        key = (r["dtype"], tuple(r["shape"].items()))
-        if key not in shapes:
-            shapes.append(key)
     out = []
-    for dt, items in shapes:
-        shape = dict(items)
-        prov = default.get(dt)
-        ours = index.get((prov, dt, items)) if prov else None
-        base = index.get((baseline, dt, items))
+    for dt, shape, prov, ours, base in default_vs_baseline(rows, meta, "full", None, baseline):
         speedup = base["p50_ms"] / ours["p50_ms"] if (ours and base) else None
         if logits_peak:
             peak, unit = (ours or {}).get("peak_mem_logits"), "logits"
@@ -325,8 +305,7 @@ def evaluate_targets(rows, meta, baseline, targets, logits_peak: bool) -> list[d
                     if ours and base and ours["peak_mem_bytes"] is not None and base["peak_mem_bytes"]
                     else None)
             unit = f"× {baseline}"
-        target = next((t for t in targets if t["device_type"] == meta.get("device_type") and t["dtype"] == dt
-                       and all(shape.get(k) == v for k, v in t["shape"].items())), None)
+        target = find_target(targets, meta.get("device_type"), dt, shape)
         status = None
         if target:
             if ours is None:

@@ -107,10 +107,7 @@ class FusedDistillBench(Bench):
 
     def cases(self, args) -> list[Case]:
         ps = self.presets[args.preset]
-        providers = args.providers or list(self.providers)
-        for name in providers:
-            if name not in self.providers:
-                raise SystemExit(f"unknown provider {name!r}; choose from {', '.join(self.providers)}")
+        providers = self.chosen_providers(args)
         dtypes = [dtype_name(d) for d in (args.dtype or ps["dtype"])]
         grid = itertools.product(
             dtypes, args.tokens or ps["tokens"], args.hs or ps["hs"], args.ht or ps["ht"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
+import importlib
 import json
 import os
 import platform
@@ -80,6 +81,29 @@ class Bench:
 
     def cases(self, args) -> list[Case]:
         raise NotImplementedError
+
+    def chosen_providers(self, args) -> list[str]:
+        """The providers ``--providers`` names (default: all), each checked against ``providers``."""
+        providers = args.providers or list(self.providers)
+        for name in providers:
+            if name not in self.providers:
+                raise SystemExit(f"unknown provider {name!r}; choose from {', '.join(self.providers)}")
+        return providers
+
+    def grid_cases(self, grid: Iterable[tuple[str, dict]], providers: list[str]) -> list[Case]:
+        """A case per (dtype, shape) of ``grid`` and provider, in that order.  The floor runs on
+        ``floor_shape(shape)``, so it is measured once for all shapes that differ only in the keys
+        it does not depend on."""
+        cases: list[Case] = []
+        seen = set()
+        for dt, shape in grid:
+            for prov in providers:
+                s = self.floor_shape(shape) if prov == self.floor else shape
+                key = (prov, dt, tuple(s.items()))
+                if key not in seen:
+                    seen.add(key)
+                    cases.append(Case(shape=dict(s), dtype=dt, provider=prov))
+        return cases
 
     def setup(self, case: Case, device: torch.device) -> Setup:
         raise NotImplementedError
@@ -574,3 +598,103 @@ def require_backend(op: str, backend: str, device, dtype) -> None:
         backends.implementation(op, backend)
     except ImportError as e:
         raise Skip(f"{backend} backend does not import: {e}") from None
+
+
+def registry_default(op: str, device, dtype: str, registers: str = "peftcore.ops") -> str | None:
+    """The backend peftcore's registry picks for ``op`` on ``device`` in ``dtype``, or None when
+    none can run there (the tables then show none); importing ``registers`` registers the op."""
+    importlib.import_module(registers)
+    from .. import backends
+
+    try:
+        return backends.select(op, device, dtype_of(dtype))
+    except Exception:  # noqa: BLE001  (no backend for this device/dtype)
+        return None
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def shape_matches(want: dict | None, shape: dict) -> bool:
+    """``shape`` has every key of ``want`` at its value (a tuple value: at one of its values)."""
+    if want is None:
+        return True
+    for key, v in want.items():
+        allowed = v if isinstance(v, tuple) else (v,)
+        if shape.get(key) not in allowed:
+            return False
+    return True
+
+
+def find_target(targets: list[dict], device_type: str | None, dtype: str, shape: dict) -> dict | None:
+    """The first target for this device type and dtype whose ``shape`` matches (see shape_matches)."""
+    return next((t for t in targets if t["device_type"] == device_type and t["dtype"] == dtype
+                 and shape_matches(t["shape"], shape)), None)
+
+
+def default_vs_baseline(rows: list[dict], meta: dict, mode: str, floor: str | None, baseline: str):
+    """Per (dtype, shape) measured in ``mode`` by a provider other than the floor, in the rows'
+    order: ``(dtype, shape, default provider, its row, the baseline's row)``; None where the meta
+    names no default or a row was not measured."""
+    default = meta.get("default_backend") or {}
+    sel = [r for r in rows if r["mode"] == mode]
+    index = {(r["provider"], r["dtype"], tuple(r["shape"].items())): r for r in sel}
+    shapes = []
+    for r in sel:
+        key = (r["dtype"], tuple(r["shape"].items()))
+        if r["provider"] != floor and key not in shapes:
+            shapes.append(key)
+    for dt, items in shapes:
+        prov = default.get(dt)
+        ours = index.get((prov, dt, items)) if prov else None
+        yield dt, dict(items), prov, ours, index.get((baseline, dt, items))
+
+
+def target_row(dtype: str, shape: dict, default: str | None, ratio: float | None, speedup: float | None,
+               target: dict | None, status: str | None, mode: str | None = None) -> dict:
+    """One row of the targets table: the default backend's ratio to the floor and speedup over
+    the baseline at one (dtype, shape), the target that applies (or None) and its status."""
+    row: dict = {"dtype": dtype, "shape": shape}
+    if mode is not None:
+        row["mode"] = mode
+    row.update({
+        "default_backend": default,
+        "ratio_to_floor": ratio, "speedup_vs_baseline": speedup,
+        "target": target["name"] if target else None,
+        "max_ratio_to_floor": target["max_ratio_to_floor"] if target else None,
+        "min_speedup_vs_baseline": target["min_speedup_vs_baseline"] if target else None,
+        "status": status,
+    })
+    return row
+
+
+def shape_targets(rows: list[dict], meta: dict, floor: str | None, baseline: str, targets: list[dict],
+                  mode: str) -> list[dict]:
+    """Per (dtype, shape) of ``mode``: the default backend's ratio to the floor and speedup over the
+    baseline, with a status where a target applies.
+
+    A target holds ``device_type``, ``dtype``, ``shape`` (keys to match; a tuple value is a set),
+    ``max_ratio_to_floor`` and/or ``min_speedup_vs_baseline`` (None: not checked) and optionally
+    ``strict`` (the speedup must exceed the bound, not just reach it).
+    """
+    out = []
+    for dt, shape, prov, ours, base in default_vs_baseline(rows, meta, mode, floor, baseline):
+        ratio = ours.get("ratio_to_floor") if ours else None
+        speedup = base["p50_ms"] / ours["p50_ms"] if (ours and base) else None
+        target = find_target(targets, meta.get("device_type"), dt, shape)
+        status = None
+        if target and prov == baseline:
+            status = f"n/a (the default backend is the baseline {baseline})"
+        elif target and ours is None:
+            status = "n/a (default backend not measured)"
+        elif target:
+            ok = True
+            if target["max_ratio_to_floor"] is not None:
+                ok = ratio is not None and ratio <= target["max_ratio_to_floor"]
+            bound = target["min_speedup_vs_baseline"]
+            if bound is not None:
+                beat = speedup is not None and (speedup > bound if target.get("strict") else speedup >= bound)
+                ok = ok and beat
+            status = "PASS" if ok else "FAIL"
+        out.append(target_row(dt, shape, prov, ratio, speedup, target, status, mode=mode))
+    return out

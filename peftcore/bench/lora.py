@@ -17,7 +17,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from .harness import Bench, Case, Setup, Skip, csv, dtype_name, dtype_of, require_backend, parse_bool
+from .harness import (Bench, Case, Setup, Skip, csv, default_vs_baseline, dtype_name, dtype_of, find_target,
+                      parse_bool, registry_default, require_backend, target_row)
 
 OURS = ("reference", "triton", "cpp", "cuda")
 PROVIDERS = ("floor", "hf_peft") + OURS
@@ -87,37 +88,19 @@ class LoRABench(Bench):
         drops = args.dropout if args.dropout is not None else preset["dropout"]
         biases = args.bias if args.bias is not None else preset["bias"]
         dtypes = [dtype_name(d) for d in (args.dtype or preset["dtype"])]
-        providers = args.providers or list(self.providers)
-        for name in providers:
-            if name not in self.providers:
-                raise SystemExit(f"unknown provider {name!r}; choose from {', '.join(self.providers)}")
-
-        cases: list[Case] = []
-        seen = set()
-        for dt, m, (k, n), bias, r, p in itertools.product(dtypes, tokens, pairs, biases, ranks, drops):
-            shape = {"tokens": m, "in": k, "out": n, "r": r, "dropout": p, "bias": bias}
-            for prov in providers:
-                s = self.floor_shape(shape) if prov == self.floor else shape
-                key = (prov, dt, tuple(s.items()))
-                if key in seen:  # the floor does not depend on r or dropout: measure it once
-                    continue
-                seen.add(key)
-                cases.append(Case(shape=dict(s), dtype=dt, provider=prov))
-        return cases
+        providers = self.chosen_providers(args)
+        grid = itertools.product(dtypes, tokens, pairs, biases, ranks, drops)
+        return self.grid_cases(((dt, {"tokens": m, "in": k, "out": n, "r": r, "dropout": p, "bias": bias})
+                                for dt, m, (k, n), bias, r, p in grid), providers)
 
     def floor_shape(self, shape: dict) -> dict:
+        """The floor does not depend on r or dropout: measured once."""
         return {**shape, "r": None, "dropout": None}
 
     # ------------------------------------------------------------------ providers
 
     def default_provider(self, device, dtype: str) -> str | None:
-        from .. import backends
-        import peftcore.ops  # noqa: F401  (registers the op)
-
-        try:
-            return backends.select("lora_linear", device, dtype_of(dtype))
-        except Exception:
-            return None
+        return registry_default("lora_linear", device, dtype)
 
     def setup(self, case: Case, device: torch.device) -> Setup:
         s, prov = case.shape, case.provider
@@ -205,23 +188,11 @@ class LoRABench(Bench):
 
     def targets(self, rows: list[dict], meta: dict) -> list[dict]:
         """Per shape (full mode): default backend vs floor and vs hf_peft, with the target if one applies."""
-        default = meta.get("default_backend") or {}
-        full = [r for r in rows if r["mode"] == "full"]
-        index = {(r["provider"], r["dtype"], tuple(r["shape"].items())): r for r in full}
-        shapes = []
-        for r in full:
-            key = (r["dtype"], tuple(r["shape"].items()))
-            if r["provider"] != self.floor and key not in shapes:
-                shapes.append(key)
         out = []
-        for dt, shape_items in shapes:
-            shape = dict(shape_items)
-            prov = default.get(dt)
-            ours = index.get((prov, dt, shape_items)) if prov else None
-            base = index.get((self.baseline, dt, shape_items))
+        for dt, shape, prov, ours, base in default_vs_baseline(rows, meta, "full", self.floor, self.baseline):
             ratio = ours["ratio_to_floor"] if ours else None
             speedup = base["p50_ms"] / ours["p50_ms"] if (ours and base) else None
-            target = _target_for(meta.get("device_type"), dt, shape)
+            target = find_target(TARGETS, meta.get("device_type"), dt, shape)
             status = None
             if target and ratio is not None:
                 ok = ratio <= target["max_ratio_to_floor"]
@@ -230,24 +201,8 @@ class LoRABench(Bench):
                 status = "PASS" if ok else "FAIL"
             elif target:
                 status = "n/a (default backend not measured)"
-            out.append({
-                "dtype": dt, "shape": shape, "default_backend": prov,
-                "ratio_to_floor": ratio, "speedup_vs_baseline": speedup,
-                "target": target["name"] if target else None,
-                "max_ratio_to_floor": target["max_ratio_to_floor"] if target else None,
-                "min_speedup_vs_baseline": target["min_speedup_vs_baseline"] if target else None,
-                "status": status,
-            })
+            out.append(target_row(dt, shape, prov, ratio, speedup, target, status))
         return out
-
-
-def _target_for(device_type, dtype: str, shape: dict):
-    for t in TARGETS:
-        if t["device_type"] != device_type or t["dtype"] != dtype:
-            continue
-        if t["shape"] is None or all(shape.get(k) == v for k, v in t["shape"].items()):
-            return t
-    return None
 
 
 BENCH = LoRABench()

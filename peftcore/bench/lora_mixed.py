@@ -37,9 +37,11 @@ from .harness import (
     dtype_name,
     dtype_of,
     parse_bool,
+    registry_default,
     require_backend,
+    shape_targets,
 )
-from .phm import check_tol, rel_err, shape_targets
+from .phm import check_tol, rel_err
 
 OURS = ("cpp", "triton", "cuda")
 PROVIDERS = ("base", "loop", "peft") + OURS
@@ -126,10 +128,7 @@ class LoRAMixedBench(Bench):
         ps = self.presets[args.preset]
         if any(m != "fwd" for m in args.modes):
             raise SystemExit("lora-mixed is a serving op: forward only (--modes fwd)")
-        providers = args.providers or list(self.providers)
-        for name in providers:
-            if name not in self.providers:
-                raise SystemExit(f"unknown provider {name!r}; choose from {', '.join(self.providers)}")
+        providers = self.chosen_providers(args)
         pairs = _select(ps["batch_seq"], args.batch, args.seq, "--batch/--seq")
         in_out = _select(ps["in_out"], args.in_features, args.out_features, "--in/--out-features")
         assigns = args.assign or ps["assign"]
@@ -139,30 +138,16 @@ class LoRAMixedBench(Bench):
         dtypes = [dtype_name(d) for d in (args.dtype or ps["dtype"])]
         grid = itertools.product(dtypes, pairs, in_out, args.bias if args.bias is not None else ps["bias"],
                                  args.adapters or ps["adapters"], args.r or ps["r"], assigns)
-        cases, seen = [], set()
-        for dt, (b, s), (k, n), bias, j, r, assign in grid:
-            shape = {"batch": b, "seq": s, "in": k, "out": n, "adapters": j, "r": r, "assign": assign,
-                     "bias": bias}
-            for prov in providers:
-                sh = self.floor_shape(shape) if prov == self.floor else shape
-                key = (prov, dt, tuple(sh.items()))
-                if key not in seen:  # the base linear does not depend on the adapters: measure it once
-                    seen.add(key)
-                    cases.append(Case(shape=dict(sh), dtype=dt, provider=prov))
-        return cases
+        return self.grid_cases(((dt, {"batch": b, "seq": s, "in": k, "out": n, "adapters": j, "r": r,
+                                      "assign": assign, "bias": bias})
+                                for dt, (b, s), (k, n), bias, j, r, assign in grid), providers)
 
     def floor_shape(self, shape: dict) -> dict:
+        """The base linear does not depend on the adapters: measured once."""
         return {**shape, "adapters": None, "r": None, "assign": None}
 
     def default_provider(self, device, dtype: str) -> str | None:
-        import peftcore.ops  # noqa: F401  (registers the op)
-
-        from .. import backends
-
-        try:
-            name = backends.select("lora_mixed", device, dtype_of(dtype))
-        except Exception:  # noqa: BLE001  (no backend for this device/dtype: the table shows none)
-            return None
+        name = registry_default("lora_mixed", device, dtype)
         return "loop" if name == "reference" else name
 
     # ------------------------------------------------------------------ providers

@@ -33,7 +33,9 @@ from .harness import (
     dtype_name,
     dtype_of,
     parse_bool,
+    registry_default,
     require_backend,
+    shape_targets,
 )
 
 OURS = ("reference", "cpp", "triton", "cuda")
@@ -94,69 +96,6 @@ def check_tol(dtype: str) -> float:
     return CHECK_TOL.get(dtype, 5e-2)
 
 
-def _matches(want: dict | None, shape: dict) -> bool:
-    """``shape`` has every key of ``want`` at its value (a tuple value: at one of its values)."""
-    if want is None:
-        return True
-    for key, v in want.items():
-        allowed = v if isinstance(v, tuple) else (v,)
-        if shape.get(key) not in allowed:
-            return False
-    return True
-
-
-def shape_targets(rows: list[dict], meta: dict, floor: str | None, baseline: str, targets: list[dict],
-                  mode: str) -> list[dict]:
-    """Per (dtype, shape) of ``mode``: the default backend's ratio to the floor and speedup over the
-    baseline, with a status where a target applies.
-
-    A target holds ``device_type``, ``dtype``, ``shape`` (keys to match; a tuple value is a set),
-    ``max_ratio_to_floor`` and/or ``min_speedup_vs_baseline`` (None: not checked) and optionally
-    ``strict`` (the speedup must exceed the bound, not just reach it).
-    """
-    default = meta.get("default_backend") or {}
-    sel = [r for r in rows if r["mode"] == mode]
-    index = {(r["provider"], r["dtype"], tuple(r["shape"].items())): r for r in sel}
-    shapes = []
-    for r in sel:
-        key = (r["dtype"], tuple(r["shape"].items()))
-        if r["provider"] != floor and key not in shapes:
-            shapes.append(key)
-    out = []
-    for dt, items in shapes:
-        shape = dict(items)
-        prov = default.get(dt)
-        ours = index.get((prov, dt, items)) if prov else None
-        base = index.get((baseline, dt, items))
-        ratio = ours.get("ratio_to_floor") if ours else None
-        speedup = base["p50_ms"] / ours["p50_ms"] if (ours and base) else None
-        target = next((t for t in targets if t["device_type"] == meta.get("device_type")
-                       and t["dtype"] == dt and _matches(t["shape"], shape)), None)
-        status = None
-        if target and prov == baseline:
-            status = f"n/a (the default backend is the baseline {baseline})"
-        elif target and ours is None:
-            status = "n/a (default backend not measured)"
-        elif target:
-            ok = True
-            if target["max_ratio_to_floor"] is not None:
-                ok = ratio is not None and ratio <= target["max_ratio_to_floor"]
-            bound = target["min_speedup_vs_baseline"]
-            if bound is not None:
-                beat = speedup is not None and (speedup > bound if target.get("strict") else speedup >= bound)
-                ok = ok and beat
-            status = "PASS" if ok else "FAIL"
-        out.append({
-            "dtype": dt, "shape": shape, "mode": mode, "default_backend": prov,
-            "ratio_to_floor": ratio, "speedup_vs_baseline": speedup,
-            "target": target["name"] if target else None,
-            "max_ratio_to_floor": target["max_ratio_to_floor"] if target else None,
-            "min_speedup_vs_baseline": target["min_speedup_vs_baseline"] if target else None,
-            "status": status,
-        })
-    return out
-
-
 def parse_layer(spec: str) -> tuple:
     """``IN x MID x OUT`` (a block) or ``IN x OUT`` (a single layer), e.g. ``1024x32x1024``."""
     parts = [int(v) for v in spec.lower().split("x")]
@@ -207,10 +146,7 @@ class PHMBench(Bench):
 
     def cases(self, args) -> list[Case]:
         ps = self.presets[args.preset]
-        providers = args.providers or list(self.providers)
-        for name in providers:
-            if name not in self.providers:
-                raise SystemExit(f"unknown provider {name!r}; choose from {', '.join(self.providers)}")
+        providers = self.chosen_providers(args)
         if args.layers:
             ks = args.rank or [DEFAULT_K]
             layers = [(i, m, o, k) for (i, m, o), k in itertools.product(args.layers, ks)]
@@ -228,29 +164,16 @@ class PHMBench(Bench):
             if any(w % n for w in (i, o, m or n)):
                 raise SystemExit(f"phm_dim {n} must divide every width of layer {i}x{m}x{o}")
         dtypes = [dtype_name(d) for d in (args.dtype or ps["dtype"])]
-        cases, seen = [], set()
-        for dt, tok, (i, m, o, k), n in itertools.product(dtypes, args.tokens or ps["tokens"], layers, ns):
-            shape = {"tokens": tok, "in": i, "mid": m, "out": o, "n": n, "k": k}
-            for prov in providers:
-                s = self.floor_shape(shape) if prov == self.floor else shape
-                key = (prov, dt, tuple(s.items()))
-                if key not in seen:  # the dense floor does not depend on n or k: measure it once
-                    seen.add(key)
-                    cases.append(Case(shape=dict(s), dtype=dt, provider=prov))
-        return cases
+        grid = itertools.product(dtypes, args.tokens or ps["tokens"], layers, ns)
+        return self.grid_cases(((dt, {"tokens": tok, "in": i, "mid": m, "out": o, "n": n, "k": k})
+                                for dt, tok, (i, m, o, k), n in grid), providers)
 
     def floor_shape(self, shape: dict) -> dict:
+        """The dense floor does not depend on n or k: measured once."""
         return {**shape, "n": None, "k": None}
 
     def default_provider(self, device, dtype: str) -> str | None:
-        import peftcore.ops  # noqa: F401  (registers the op)
-
-        from .. import backends
-
-        try:
-            return backends.select("phm_linear", device, dtype_of(dtype))
-        except Exception:  # noqa: BLE001  (no backend for this device/dtype: the table shows none)
-            return None
+        return registry_default("phm_linear", device, dtype)
 
     # ------------------------------------------------------------------ providers
 

@@ -193,6 +193,38 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# Tensors as the kernels take them: an address, a row stride, a stream.
+
+
+def row_stride(t) -> int:
+    """Row stride of a 2-D tensor whose columns are unit-stride (any valid value when it has <= 1 row)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def dense(t):
+    """t when it is contiguous, else a contiguous copy."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def rowwise(t):
+    """t itself when its rows do not overlap (or repeat one row: stride 0), else a dense copy."""
+    if t.dim() == 2 and t.shape[0] > 1 and 0 < t.stride(0) < t.shape[1]:
+        return t.contiguous()
+    return t
+
+
+def ptr(t) -> int:
+    """t's address, 0 for None (an output not asked for, an absent bias)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def cuda_stream(t) -> int:
+    """The current CUDA stream of t's device, as the address the CUDA entry points take."""
+    import torch
+
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
 def check_device_dtype(what: str, t, cpu_dtypes, cuda_dtypes) -> None:
     """TypeError/ValueError unless ``t`` is on the CPU or a CUDA device with a dtype ``what`` takes there."""
     if t.device.type not in ("cpu", "cuda"):

@@ -40,24 +40,26 @@ import math
 import torch
 
 from ..reference.distill import KINDS
-from . import check_device_dtype, dtype_name, num_threads, require
+from . import (
+    check_device_dtype,
+    cuda_stream,
+    dtype_name,
+    num_threads,
+    ptr,
+    require,
+    row_stride,
+    rowwise,
+)
 
 CPU_DTYPES = (torch.float32,)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _rows(t: torch.Tensor) -> int:
-    """Row stride of a 2-D tensor with unit column stride (any valid value when it has <= 1 row)."""
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
 def _layout(t: torch.Tensor) -> torch.Tensor:
     """t when its columns are unit-stride and its rows do not overlap (or repeat one row), else a copy."""
     if t.shape[1] > 1 and t.stride(1) != 1:
         return t.contiguous()
-    if t.shape[0] > 1 and 0 < t.stride(0) < t.shape[1]:
-        return t.contiguous()
-    return t
+    return rowwise(t)
 
 
 def _check(s, t, temperature, kind, beta, row_weight):
@@ -107,12 +109,12 @@ def distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad):
     s, t = _layout(s), _layout(t)
     w = row_weight.contiguous()
     beta = float(beta) if kind == "jsd" else 0.5
-    args = (dtype_name(s.dtype), s.data_ptr(), _rows(s), t.data_ptr(), _rows(t), w.data_ptr(), loss.data_ptr(),
-            grad.data_ptr() if grad is not None else 0, n, v, float(temperature), kind, beta)
+    args = (dtype_name(s.dtype), s.data_ptr(), row_stride(s), t.data_ptr(), row_stride(t), w.data_ptr(),
+            loss.data_ptr(), ptr(grad), n, v, float(temperature), kind, beta)
     if s.is_cuda:
         ext = require(cuda=True)
         with torch.cuda.device(s.device):
-            ext.cuda_distill_fwd(*args, torch.cuda.current_stream(s.device).cuda_stream)
+            ext.cuda_distill_fwd(*args, cuda_stream(s))
     else:
         require(cuda=False).distill_fwd(*args, num_threads())
     return loss, grad

@@ -34,7 +34,17 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.rng import dropout_threshold
-from . import check_device_dtype, dtype_name, num_threads, require
+from . import (
+    check_device_dtype,
+    cuda_stream,
+    dense,
+    dtype_name,
+    num_threads,
+    ptr,
+    require,
+    row_stride,
+    rowwise,
+)
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,43 +75,27 @@ def _check_x(x: torch.Tensor) -> None:
     check_device_dtype("lora backend", x, CPU_DTYPES, CUDA_DTYPES)
 
 
-def _rows(t: torch.Tensor) -> int:
-    """Row stride of a 2-D tensor whose columns are unit-stride (any value when it has <= 1 row)."""
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def _rowwise(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its rows do not overlap (or repeat one row: stride 0), else a dense copy."""
-    if t.dim() == 2 and t.shape[0] > 1 and 0 < t.stride(0) < t.shape[1]:
-        return t.contiguous()
-    return t
-
-
 def down_fwd(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """xa ``[M, R]`` = dropout(x) ``[M, K]`` @ lora_aᵀ, the mask hashed in the kernel."""
     _check_x(x)
-    x = _rowwise(x)
+    x = rowwise(x)
     _check("lora_a", lora_a, x)
     M, K = x.shape
     R = lora_a.shape[0]
     if lora_a.shape[1] != K:
         raise ValueError(f"lora_a must be [R, {K}], got {tuple(lora_a.shape)}")
-    a = _dense(lora_a)
+    a = dense(lora_a)
     thr = dropout_threshold(p)
     scale = 1.0 / (1.0 - p)
     xa = torch.empty(M, R, dtype=x.dtype, device=x.device)
     if x.is_cuda:
         ext = require(cuda=True)
         with torch.cuda.device(x.device):
-            ext.cuda_down_fwd(dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(),
-                              M, K, R, seed, thr, scale, torch.cuda.current_stream(x.device).cuda_stream)
+            ext.cuda_down_fwd(dtype_name(x.dtype), x.data_ptr(), row_stride(x), a.data_ptr(), xa.data_ptr(),
+                              M, K, R, seed, thr, scale, cuda_stream(x))
     else:
         ext = require(cuda=False)
-        ext.down_fwd(dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(),
+        ext.down_fwd(dtype_name(x.dtype), x.data_ptr(), row_stride(x), a.data_ptr(), xa.data_ptr(),
                      M, K, R, seed, thr, scale, num_threads())
     return xa
 
@@ -113,7 +107,7 @@ def down_bwd(g, lora_a, x, dx, p, seed, need_a: bool):
     g ``[M, R]``, lora_a ``[R, K]``, x ``[M, K]`` (unit column stride), dx ``[M, K]`` or None.
     """
     _check_x(x)
-    x = _rowwise(x)
+    x = rowwise(x)
     _check("g", g, x)
     _check("lora_a", lora_a, x)
     M, K = x.shape
@@ -124,11 +118,11 @@ def down_bwd(g, lora_a, x, dx, p, seed, need_a: bool):
         _check("dx", dx, x)
         if tuple(dx.shape) != (M, K) or (K > 1 and dx.stride(1) != 1) or (M > 1 and dx.stride(0) < K):
             raise ValueError(f"dx must be a [M, K] tensor with unit column stride, got {tuple(dx.shape)} {dx.stride()}")
-    g = _dense(g)
-    a = _dense(lora_a)
+    g = dense(g)
+    a = dense(lora_a)
     thr = dropout_threshold(p)
     scale = 1.0 / (1.0 - p)
-    dx_ptr, lddx = (dx.data_ptr(), _rows(dx)) if dx is not None else (0, K)
+    dx_ptr, lddx = (dx.data_ptr(), row_stride(dx)) if dx is not None else (0, K)
     if x.is_cuda:
         ext = require(cuda=True)
         da32 = torch.empty(R, K, dtype=torch.float32, device=x.device) if need_a else None
@@ -136,16 +130,14 @@ def down_bwd(g, lora_a, x, dx, p, seed, need_a: bool):
         ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if nbytes else None
         with torch.cuda.device(x.device):
             ext.cuda_down_bwd(
-                dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), _rows(x), dx_ptr, lddx,
-                da32.data_ptr() if need_a else 0, M, K, R, seed, thr, scale,
-                ws.data_ptr() if ws is not None else 0, nbytes,
-                torch.cuda.current_stream(x.device).cuda_stream,
+                dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), row_stride(x), dx_ptr, lddx,
+                ptr(da32), M, K, R, seed, thr, scale, ptr(ws), nbytes, cuda_stream(x),
             )
         return da32.to(lora_a.dtype) if need_a else None
     ext = require(cuda=False)
     da = torch.empty(R, K, dtype=x.dtype) if need_a else None
-    ext.down_bwd(dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), _rows(x), dx_ptr, lddx,
-                 da.data_ptr() if need_a else 0, M, K, R, seed, thr, scale, num_threads())
+    ext.down_bwd(dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), row_stride(x), dx_ptr, lddx,
+                 ptr(da), M, K, R, seed, thr, scale, num_threads())
     return da
 
 
@@ -157,16 +149,16 @@ def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed):
     """One pass over x: xa = dropout(x) Aᵀ and y += scaling · xa Bᵀ, after torch's y = x Wᵀ + b."""
     _check("lora_a", lora_a, x)
     _check("lora_b", lora_b, x)
-    x = _rowwise(x)
+    x = rowwise(x)
     M, K = x.shape
     R, N = lora_a.shape[0], lora_b.shape[0]
-    a, b = _dense(lora_a), _dense(lora_b)
+    a, b = dense(lora_a), dense(lora_b)
     y = F.linear(x, weight, bias)
     if not y.is_contiguous():  # F.linear returns a fresh [M, N]; be sure before writing into it
         y = y.contiguous()
     xa = torch.empty(M, R, dtype=x.dtype)
     require(cuda=False).down_fwd(
-        dtype_name(x.dtype), x.data_ptr(), _rows(x), a.data_ptr(), xa.data_ptr(), M, K, R, seed,
+        dtype_name(x.dtype), x.data_ptr(), row_stride(x), a.data_ptr(), xa.data_ptr(), M, K, R, seed,
         dropout_threshold(p), 1.0 / (1.0 - p), num_threads(), y=y.data_ptr(), ldy=N, b=b.data_ptr(), N=N,
         scaling=float(scaling),
     )
@@ -183,15 +175,14 @@ def _cpu_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, need_x, need_a
     R, N = lora_a.shape[0], lora_b.shape[0]
     if dy.shape != (M, N) or (N > 1 and dy.stride(1) != 1):
         raise ValueError(f"dy must be [{M}, {N}] with unit column stride, got {tuple(dy.shape)} {dy.stride()}")
-    x, dy = _rowwise(x), _rowwise(dy)
-    xa, a, b = _dense(xa), _dense(lora_a), _dense(lora_b)
+    x, dy = rowwise(x), rowwise(dy)
+    xa, a, b = dense(xa), dense(lora_a), dense(lora_b)
     dx = torch.mm(dy, weight) if need_x else None  # fresh and contiguous: the kernel adds into it
     da = torch.empty(R, K, dtype=x.dtype) if need_a else None
     db = torch.empty(N, R, dtype=x.dtype) if need_b else None
     require(cuda=False).lora_bwd(
-        dtype_name(x.dtype), dy.data_ptr(), _rows(dy), b.data_ptr(), xa.data_ptr(), a.data_ptr(), x.data_ptr(),
-        _rows(x), dx.data_ptr() if need_x else 0, K, da.data_ptr() if need_a else 0,
-        db.data_ptr() if need_b else 0, M, N, K, R, seed, dropout_threshold(p), 1.0 / (1.0 - p),
+        dtype_name(x.dtype), dy.data_ptr(), row_stride(dy), b.data_ptr(), xa.data_ptr(), a.data_ptr(), x.data_ptr(),
+        row_stride(x), ptr(dx), K, ptr(da), ptr(db), M, N, K, R, seed, dropout_threshold(p), 1.0 / (1.0 - p),
         float(scaling), num_threads(),
     )
     return dx, da, db

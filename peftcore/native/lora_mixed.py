@@ -51,7 +51,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import check_device_dtype, dtype_name, num_threads, require
+from . import (
+    check_device_dtype,
+    cuda_stream,
+    dtype_name,
+    num_threads,
+    require,
+    row_stride,
+    rowwise,
+)
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -172,10 +180,6 @@ def plan(rows: torch.Tensor, num_adapters: int, block_ms: tuple[int, ...]) -> tu
     return torch.stack([row0, row1, vals[seg].long()], 1).to(torch.int32).contiguous(), bm
 
 
-def _row_stride(t: torch.Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
 def lora_mixed_fwd(x, weight, bias, lora_a, lora_b, scaling, rows):
     """y ``[M, N]`` = x Wᵀ + b + scaling[j] · (x A[j]ᵀ) B[j]ᵀ per row, j = rows[m] (-1: base only).
 
@@ -200,9 +204,8 @@ def lora_mixed_fwd(x, weight, bias, lora_a, lora_b, scaling, rows):
         y = y.contiguous()
     if M == 0 or N == 0 or K == 0 or R == 0 or batch[0].shape[0] == 0:
         return y
-    if M > 1 and 0 < x.stride(0) < K:  # overlapping rows: fine to read, but the binding wants ld >= K
-        x = x.contiguous()
-    ptrs = (dtype_name(x.dtype), x.data_ptr(), _row_stride(x), lora_a.data_ptr(), lora_b.data_ptr(),
+    x = rowwise(x)  # overlapping rows: fine to read, but the binding wants ld >= K
+    ptrs = (dtype_name(x.dtype), x.data_ptr(), row_stride(x), lora_a.data_ptr(), lora_b.data_ptr(),
             scaling.data_ptr())
     sizes = (y.data_ptr(), N, M, K, N, R, J)
     if not x.is_cuda:
@@ -214,5 +217,5 @@ def lora_mixed_fwd(x, weight, bias, lora_a, lora_b, scaling, rows):
     ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     with torch.cuda.device(x.device):
         ext.cuda_lora_mixed_fwd(*ptrs, batch.data_ptr(), T, bm, *sizes, ws.data_ptr(), nbytes,
-                                torch.cuda.current_stream(x.device).cuda_stream)
+                                cuda_stream(x))
     return y

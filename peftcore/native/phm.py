@@ -59,7 +59,17 @@ from __future__ import annotations
 
 import torch
 
-from . import check_device_dtype, dtype_name, num_threads, require
+from . import (
+    check_device_dtype,
+    cuda_stream,
+    dense,
+    dtype_name,
+    num_threads,
+    ptr,
+    require,
+    row_stride,
+    rowwise,
+)
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -111,30 +121,6 @@ def _dims(x, rule, w_left, w_right) -> tuple[int, int, int, int, int]:
     return x.shape[0], n, P, Q, k
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def _rowwise(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its rows do not overlap (or repeat one row: stride 0), else a dense copy."""
-    if t.shape[0] > 1 and 0 < t.stride(0) < t.shape[1]:
-        return t.contiguous()
-    return t
-
-
-def _ld(t: torch.Tensor) -> int:
-    """Row stride of a 2-D tensor with unit-stride columns (any valid value for <= 1 row)."""
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _stream(x: torch.Tensor) -> int:
-    return torch.cuda.current_stream(x.device).cuda_stream
-
-
 def phm_fwd(x, rule, w_left, w_right, bias):
     """y ``[M, n·Q]`` = x H + bias and t ``[M, n, n, k]`` (see the module docstring).
 
@@ -144,21 +130,21 @@ def phm_fwd(x, rule, w_left, w_right, bias):
     M, n, P, Q, k = _dims(x, rule, w_left, w_right)
     if bias is not None:
         _like("bias", bias, x, (n * Q,))
-        bias = _dense(bias)
-    x = _rowwise(x)
-    rule, w_left, w_right = _dense(rule), _dense(w_left), _dense(w_right)
+        bias = dense(bias)
+    x = rowwise(x)
+    rule, w_left, w_right = dense(rule), dense(w_left), dense(w_right)
     y = torch.empty(M, n * Q, dtype=x.dtype, device=x.device)
     t = torch.empty(M, n, n, k, dtype=x.dtype, device=x.device)
     if x.is_cuda:
         ext = require(cuda=True)
         wlt = w_left.transpose(1, 2).contiguous()  # [n, k, P]: unit-stride reads in the kernels
         with torch.cuda.device(x.device):
-            ext.cuda_phm_fwd(dtype_name(x.dtype), x.data_ptr(), _ld(x), rule.data_ptr(), wlt.data_ptr(),
-                             w_right.data_ptr(), _ptr(bias), y.data_ptr(), t.data_ptr(), M, n, P, Q, k, _stream(x))
+            ext.cuda_phm_fwd(dtype_name(x.dtype), x.data_ptr(), row_stride(x), rule.data_ptr(), wlt.data_ptr(),
+                             w_right.data_ptr(), ptr(bias), y.data_ptr(), t.data_ptr(), M, n, P, Q, k, cuda_stream(x))
     else:
-        require(cuda=False).phm_fwd(dtype_name(x.dtype), x.data_ptr(), _ld(x), rule.data_ptr(), w_left.data_ptr(),
-                                    w_right.data_ptr(), _ptr(bias), y.data_ptr(), t.data_ptr(), M, n, P, Q, k,
-                                    num_threads())
+        require(cuda=False).phm_fwd(dtype_name(x.dtype), x.data_ptr(), row_stride(x), rule.data_ptr(),
+                                    w_left.data_ptr(), w_right.data_ptr(), ptr(bias), y.data_ptr(), t.data_ptr(),
+                                    M, n, P, Q, k, num_threads())
     return y, t
 
 
@@ -178,15 +164,15 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs):
     _like("t", t, x, (M, n, n, k))
     if not (need_x or need_rule or need_wl or need_wr or need_bias):
         return None, None, None, None, None
-    x, dy = _rowwise(x), _rowwise(dy)
-    t, rule, w_left, w_right = _dense(t), _dense(rule), _dense(w_left), _dense(w_right)
+    x, dy = rowwise(x), rowwise(dy)
+    t, rule, w_left, w_right = dense(t), dense(rule), dense(w_left), dense(w_right)
     opts = {"dtype": x.dtype, "device": x.device}
     dx = torch.empty(M, n * P, **opts) if need_x else None
     drule = torch.empty(n, n, n, **opts) if need_rule else None
     dwl = torch.empty(n, P, k, **opts) if need_wl else None
     dwr = torch.empty(n, k, Q, **opts) if need_wr else None
     dbias = torch.empty(n * Q, **opts) if need_bias else None
-    outs = (_ptr(dx), _ptr(drule), _ptr(dwl), _ptr(dwr), _ptr(dbias))
+    outs = (ptr(dx), ptr(drule), ptr(dwl), ptr(dwr), ptr(dbias))
     if x.is_cuda:
         ext = require(cuda=True)
         wlt = w_left.transpose(1, 2).contiguous() if need_x else None
@@ -194,11 +180,11 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs):
         nbytes = ext.cuda_phm_bwd_workspace(M, n, P, Q, k) if weights else 0
         ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if nbytes else None
         with torch.cuda.device(x.device):
-            ext.cuda_phm_bwd(dtype_name(x.dtype), dy.data_ptr(), _ld(dy), x.data_ptr(), _ld(x), t.data_ptr(),
-                             rule.data_ptr(), _ptr(wlt), w_right.data_ptr(), *outs, M, n, P, Q, k, _ptr(ws), nbytes,
-                             _stream(x))
+            ext.cuda_phm_bwd(dtype_name(x.dtype), dy.data_ptr(), row_stride(dy), x.data_ptr(), row_stride(x),
+                             t.data_ptr(), rule.data_ptr(), ptr(wlt), w_right.data_ptr(), *outs, M, n, P, Q, k,
+                             ptr(ws), nbytes, cuda_stream(x))
     else:
-        require(cuda=False).phm_bwd(dtype_name(x.dtype), dy.data_ptr(), _ld(dy), x.data_ptr(), _ld(x), t.data_ptr(),
-                                    rule.data_ptr(), w_left.data_ptr(), w_right.data_ptr(), *outs, M, n, P, Q, k,
-                                    num_threads())
+        require(cuda=False).phm_bwd(dtype_name(x.dtype), dy.data_ptr(), row_stride(dy), x.data_ptr(), row_stride(x),
+                                    t.data_ptr(), rule.data_ptr(), w_left.data_ptr(), w_right.data_ptr(), *outs,
+                                    M, n, P, Q, k, num_threads())
     return dx, drule, dwl, dwr, dbias

@@ -6,12 +6,11 @@ seed.  No dropout output and no mask are kept: the backward pass regenerates the
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import backends
 from ..reference.rng import check_seed, dropout_threshold, new_seed
+from ._checks import as_rows, check_bias, check_floats, check_like_x, weight_shape
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -62,14 +61,8 @@ class _LoRALinearFn(torch.autograd.Function):
 
 
 def _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p):
-    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
+    check_floats(("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b))
+    out_f, in_f = weight_shape(weight)
     if x.dim() < 1 or x.shape[-1] != in_f:
         raise ValueError(
             f"x must have last dim {in_f} (weight is [out={out_f}, in={in_f}]), got shape {tuple(x.shape)}"
@@ -81,19 +74,8 @@ def _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p):
         raise ValueError(f"LoRA rank must be >= 1, got lora_a with r = {r}")
     if lora_b.dim() != 2 or tuple(lora_b.shape) != (out_f, r):
         raise ValueError(f"lora_b must be [out={out_f}, r={r}], got shape {tuple(lora_b.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (out_f,):
-            raise ValueError(f"bias must be [out={out_f}], got shape {tuple(bias.shape)}")
-    tensors = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share a dtype")
+    check_bias(bias, out_f)
+    check_like_x(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
@@ -121,9 +103,6 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=No
     seed = 0 if p == 0.0 else (new_seed() if seed is None else check_seed(seed))
     name = backends.select("lora_linear", x.device, x.dtype, backend)
     impl = backends.implementation("lora_linear", name)
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), x.shape[-1])  # explicit rows: reshape(-1, 0) is ambiguous
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x)
     y2 = _LoRALinearFn.apply(x2, weight, bias, lora_a, lora_b, float(scaling), p, seed, impl)
     return y2.reshape(*lead, weight.shape[0])

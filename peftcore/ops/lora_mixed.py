@@ -6,11 +6,10 @@ forward-only (serving); when autograd needs a gradient the op runs the different
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import backends
+from ._checks import as_rows, check_bias, check_floats, check_like_x, weight_shape
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,14 +39,8 @@ SPEC = backends.register(
 
 
 def _check(x, weight, bias, lora_a, lora_b, scaling, adapter_index):
-    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
+    check_floats(("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b))
+    out_f, in_f = weight_shape(weight)
     if x.dim() < 2 or x.shape[-1] != in_f:
         raise ValueError(
             f"x must be [batch, ..., in={in_f}] (weight is [out={out_f}, in={in_f}]), got shape {tuple(x.shape)}"
@@ -57,19 +50,8 @@ def _check(x, weight, bias, lora_a, lora_b, scaling, adapter_index):
     j, r = lora_a.shape[:2]
     if lora_b.dim() != 3 or tuple(lora_b.shape) != (j, out_f, r):
         raise ValueError(f"lora_b must be [adapters={j}, out={out_f}, r={r}], got shape {tuple(lora_b.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (out_f,):
-            raise ValueError(f"bias must be [out={out_f}], got shape {tuple(bias.shape)}")
-    tensors = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share a dtype")
+    check_bias(bias, out_f)
+    check_like_x(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     if not isinstance(scaling, torch.Tensor) or scaling.dim() != 1 or scaling.shape[0] != j:
         raise ValueError(f"scaling must be a 1-D tensor of {j} floats (one per adapter), got {scaling!r}")
     if not isinstance(adapter_index, torch.Tensor) or adapter_index.dim() != 1:
@@ -109,13 +91,9 @@ def lora_mixed_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_index, b
     if grad and backend is not None:
         backends.select("lora_mixed", x.device, x.dtype, backend)  # still validate the request
     impl = backends.implementation("lora_mixed", name)
-    lead = x.shape[:-1]
-    m = math.prod(lead)
-    per = m // x.shape[0] if x.shape[0] else 0
+    x2, lead = as_rows(x)
+    per = x2.shape[0] // x.shape[0] if x.shape[0] else 0
     rows = adapter_index.to(device=x.device, dtype=torch.int32).repeat_interleave(per)
-    x2 = x.reshape(m, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     scaling = scaling.to(device=x.device, dtype=torch.float32)
     if name != "reference":
         lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()

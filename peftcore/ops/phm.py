@@ -6,11 +6,10 @@ contract.  Saved for backward: x (its 2-D view) and the small intermediate t ``[
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import backends
+from ._checks import as_rows, check_bias, check_floats, check_like_x
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,11 +67,7 @@ def check_phm_shapes(in_features: int, out_features: int, phm_dim: int, what: st
 
 
 def _check(x, rule, w_left, w_right, bias):
-    for name, t in (("x", x), ("rule", rule), ("w_left", w_left), ("w_right", w_right)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    check_floats(("x", x), ("rule", rule), ("w_left", w_left), ("w_right", w_right))
     if rule.dim() != 3 or not (rule.shape[0] == rule.shape[1] == rule.shape[2]) or rule.shape[0] < 1:
         raise ValueError(f"rule must be [n, n, n] with n = phm_dim >= 1, got shape {tuple(rule.shape)}")
     n = rule.shape[0]
@@ -88,19 +83,8 @@ def _check(x, rule, w_left, w_right, bias):
         )
     if w_right.dim() != 3 or w_right.shape[0] != n or w_right.shape[1] != k or w_right.shape[2] < 1:
         raise ValueError(f"w_right must be [n={n}, rank={k}, out/n], got shape {tuple(w_right.shape)}")
-    out_f = n * w_right.shape[2]
-    tensors = {"rule": rule, "w_left": w_left, "w_right": w_right}
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (out_f,):
-            raise ValueError(f"bias must be [out={out_f}], got shape {tuple(bias.shape)}")
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share a dtype")
+    check_bias(bias, n * w_right.shape[2])
+    check_like_x(x, rule=rule, w_left=w_left, w_right=w_right, bias=bias)
 
 
 def phm_linear(x, rule, w_left, w_right, bias=None, backend=None):
@@ -119,10 +103,7 @@ def phm_linear(x, rule, w_left, w_right, bias=None, backend=None):
     _check(x, rule, w_left, w_right, bias)
     name = backends.select("phm_linear", x.device, x.dtype, backend)
     impl = backends.implementation("phm_linear", name)
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, lead = as_rows(x)
     # The factors are small: hand the kernels contiguous copies (autograd sees through it).
     rule, w_left, w_right = rule.contiguous(), w_left.contiguous(), w_right.contiguous()
     y2 = _PHMLinearFn.apply(x2, rule, w_left, w_right, bias, impl)

@@ -1,0 +1,58 @@
+"""Input checks and the 2-D view every op in :mod:`peftcore.ops` shares.
+
+Each op keeps its own shape checks (they say what its arguments mean); the checks that read the
+same in every op live here, so their error messages stay identical across ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_floats(*named: tuple[str, object]) -> None:
+    """Each ``(name, value)`` is a floating-point torch.Tensor, checked in order."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def weight_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """``(out, in)`` of a base layer's ``weight``, which must be 2-D ``[out, in]``."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    return out_features, in_features
+
+
+def check_bias(bias, out_features: int) -> None:
+    """``bias`` is None or a tensor of shape ``[out_features]``."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [out={out_features}], got shape {tuple(bias.shape)}")
+
+
+def check_like_x(x: torch.Tensor, **tensors) -> None:
+    """Every tensor given by name (None ones are skipped) is on x's device and has x's dtype."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share a dtype")
+
+
+def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """``x [..., in]`` as ``[rows, in]`` with a unit last stride, and its leading dims."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # explicit rows: reshape(-1, 0) is ambiguous
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, lead
