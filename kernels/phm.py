@@ -64,7 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..native.phm import _like, _rows_2d
+from ..native.phm import check_like, check_rows_2d
+from ..reference.phm import check_factors
 from . import common
 from .common import m_bucket, pow2, precision, store_dtype, upcast, upcast_dot
 
@@ -386,27 +387,20 @@ def _check_factors(x, rule, w_left, w_right, **others):
     """Shapes, dtypes and devices of x, the factors and ``others`` (bias or dy: dtype and device
     only); returns contiguous factors and (n, P, k, Q).  The 2-D and same-dtype/device checks are
     the native backend's (:mod:`peftcore.native.phm`), so both backends raise the same errors."""
-    _rows_2d("x", x)
+    check_rows_2d("x", x)
     if x.dtype not in FLOATS:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"x is on {x.device}: the Triton kernels run on CUDA devices "
                          "(or on the CPU with TRITON_INTERPRET=1 set before triton is imported)")
     for name, t in (("rule", rule), ("w_left", w_left), ("w_right", w_right), *others.items()):
-        _like(name, t, x, tuple(getattr(t, "shape", ())))  # shapes are checked below
-    if rule.dim() != 3 or not (rule.shape[0] == rule.shape[1] == rule.shape[2]) or rule.shape[0] < 1:
-        raise ValueError(f"rule must be [n, n, n] with n = phm_dim >= 1, got shape {tuple(rule.shape)}")
-    n = rule.shape[0]
-    if w_left.dim() != 3 or w_left.shape[0] != n or w_left.shape[2] < 1:
-        raise ValueError(f"w_left must be [n={n}, in/n, rank], got shape {tuple(w_left.shape)}")
-    p, k = w_left.shape[1], w_left.shape[2]
-    if w_right.dim() != 3 or w_right.shape[0] != n or w_right.shape[1] != k:
-        raise ValueError(f"w_right must be [n={n}, rank={k}, out/n], got shape {tuple(w_right.shape)}")
+        check_like(name, t, x, tuple(getattr(t, "shape", ())))  # shapes are checked below
+    n, p, k, q = check_factors(rule, w_left, w_right)
     if x.shape[1] != n * p:
         raise ValueError(f"x must be [M, n·P = {n}·{p} = {n * p}] (w_left is {tuple(w_left.shape)}), "
                          f"got shape {tuple(x.shape)}")
     # The factors are tiny next to x: copying a non-contiguous one costs nothing measurable.
-    return rule.contiguous(), w_left.contiguous(), w_right.contiguous(), (n, p, k, w_right.shape[2])
+    return rule.contiguous(), w_left.contiguous(), w_right.contiguous(), (n, p, k, q)
 
 
 def _pads(n: int, k: int) -> tuple[int, int]:
@@ -455,7 +449,7 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs, *, input_precision=None):
     dtype, each factor's gradient in that factor's dtype, dbias in dy's.
     """
     rule, w_left, w_right, (n, P, k, Q) = _check_factors(x, rule, w_left, w_right, dy=dy)
-    _rows_2d("dy", dy)
+    check_rows_2d("dy", dy)
     M = x.shape[0]
     if tuple(dy.shape) != (M, n * Q):
         raise ValueError(f"dy must be [M={M}, out = n·Q = {n * Q}], got shape {tuple(dy.shape)}")

@@ -75,7 +75,7 @@ CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _like(name: str, t, x: torch.Tensor, shape: tuple[int, ...]) -> None:
+def check_like(name: str, t, x: torch.Tensor, shape: tuple[int, ...]) -> None:
     """t is a tensor on x's device, in x's dtype, of ``shape``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -87,7 +87,7 @@ def _like(name: str, t, x: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
-def _rows_2d(name: str, t) -> None:
+def check_rows_2d(name: str, t) -> None:
     """t is a 2-D tensor whose columns are unit-stride (any row stride)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -99,7 +99,7 @@ def _rows_2d(name: str, t) -> None:
 
 def _dims(x, rule, w_left, w_right) -> tuple[int, int, int, int, int]:
     """(M, n, P, Q, k) after checking x and the factors."""
-    _rows_2d("x", x)
+    check_rows_2d("x", x)
     check_device_dtype("phm_linear backend", x, CPU_DTYPES, CUDA_DTYPES)
     if not isinstance(rule, torch.Tensor) or rule.dim() != 3 or not rule.shape[0] == rule.shape[1] == rule.shape[2]:
         raise ValueError(f"rule must be a [n, n, n] tensor, got {getattr(rule, 'shape', type(rule).__name__)}")
@@ -117,7 +117,7 @@ def _dims(x, rule, w_left, w_right) -> tuple[int, int, int, int, int]:
         raise ValueError(f"w_right must be [n={n}, rank={k}, out/n], got {getattr(w_right, 'shape', type(w_right).__name__)}")
     Q = w_right.shape[2]
     for name, t in (("rule", rule), ("w_left", w_left), ("w_right", w_right)):
-        _like(name, t, x, tuple(t.shape))
+        check_like(name, t, x, tuple(t.shape))
     return x.shape[0], n, P, Q, k
 
 
@@ -129,7 +129,7 @@ def phm_fwd(x, rule, w_left, w_right, bias):
     """
     M, n, P, Q, k = _dims(x, rule, w_left, w_right)
     if bias is not None:
-        _like("bias", bias, x, (n * Q,))
+        check_like("bias", bias, x, (n * Q,))
         bias = dense(bias)
     x = rowwise(x)
     rule, w_left, w_right = dense(rule), dense(w_left), dense(w_right)
@@ -159,9 +159,9 @@ def phm_bwd(dy, x, t, rule, w_left, w_right, needs):
         raise ValueError(f"needs must be 5 bools for (x, rule, w_left, w_right, bias), got {needs!r}")
     need_x, need_rule, need_wl, need_wr, need_bias = (bool(v) for v in needs)
     M, n, P, Q, k = _dims(x, rule, w_left, w_right)
-    _rows_2d("dy", dy)
-    _like("dy", dy, x, (M, n * Q))
-    _like("t", t, x, (M, n, n, k))
+    check_rows_2d("dy", dy)
+    check_like("dy", dy, x, (M, n * Q))
+    check_like("t", t, x, (M, n, n, k))
     if not (need_x or need_rule or need_wl or need_wr or need_bias):
         return None, None, None, None, None
     x, dy = rowwise(x), rowwise(dy)

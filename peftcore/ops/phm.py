@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
+from ..reference.phm import check_factors
 from ._checks import as_rows, check_bias, check_floats, check_like_x
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,12 +69,7 @@ def check_phm_shapes(in_features: int, out_features: int, phm_dim: int, what: st
 
 def _check(x, rule, w_left, w_right, bias):
     check_floats(("x", x), ("rule", rule), ("w_left", w_left), ("w_right", w_right))
-    if rule.dim() != 3 or not (rule.shape[0] == rule.shape[1] == rule.shape[2]) or rule.shape[0] < 1:
-        raise ValueError(f"rule must be [n, n, n] with n = phm_dim >= 1, got shape {tuple(rule.shape)}")
-    n = rule.shape[0]
-    if w_left.dim() != 3 or w_left.shape[0] != n or w_left.shape[2] < 1:
-        raise ValueError(f"w_left must be [n={n}, in/n, rank], got shape {tuple(w_left.shape)}")
-    p, k = w_left.shape[1], w_left.shape[2]
+    n, p, _, q = check_factors(rule, w_left, w_right)
     if x.dim() < 1 or x.shape[-1] != n * p:
         if x.dim() >= 1 and x.shape[-1] % n:
             raise ValueError(f"phm_dim={n} must divide x's last dim {x.shape[-1]}")
@@ -81,9 +77,7 @@ def _check(x, rule, w_left, w_right, bias):
             f"x must have last dim in = n·P = {n}·{p} = {n * p} (w_left is {tuple(w_left.shape)}), "
             f"got shape {tuple(x.shape)}"
         )
-    if w_right.dim() != 3 or w_right.shape[0] != n or w_right.shape[1] != k or w_right.shape[2] < 1:
-        raise ValueError(f"w_right must be [n={n}, rank={k}, out/n], got shape {tuple(w_right.shape)}")
-    check_bias(bias, n * w_right.shape[2])
+    check_bias(bias, n * q)
     check_like_x(x, rule=rule, w_left=w_left, w_right=w_right, bias=bias)
 
 

@@ -37,6 +37,21 @@ from __future__ import annotations
 import torch
 
 
+def check_factors(rule, w_left, w_right) -> tuple[int, int, int, int]:
+    """``(n, P, k, Q)`` of the factors after checking their shapes agree (clear errors otherwise).
+
+    Shared by the op and the backends that check their own inputs."""
+    if rule.dim() != 3 or not (rule.shape[0] == rule.shape[1] == rule.shape[2]) or rule.shape[0] < 1:
+        raise ValueError(f"rule must be [n, n, n] with n = phm_dim >= 1, got shape {tuple(rule.shape)}")
+    n = rule.shape[0]
+    if w_left.dim() != 3 or w_left.shape[0] != n or w_left.shape[2] < 1:
+        raise ValueError(f"w_left must be [n={n}, in/n, rank], got shape {tuple(w_left.shape)}")
+    p, k = w_left.shape[1], w_left.shape[2]
+    if w_right.dim() != 3 or w_right.shape[0] != n or w_right.shape[1] != k or w_right.shape[2] < 1:
+        raise ValueError(f"w_right must be [n={n}, rank={k}, out/n], got shape {tuple(w_right.shape)}")
+    return n, p, k, w_right.shape[2]
+
+
 def phm_weight(rule: torch.Tensor, w_left: torch.Tensor, w_right: torch.Tensor) -> torch.Tensor:
     """H ``[in, out]`` built the way AdapterHub builds it (n Kronecker products, summed).
 
