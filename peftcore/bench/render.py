@@ -82,7 +82,7 @@ def table(rows: list[dict], providers: tuple[str, ...] = (), mode: str | None = 
     return "\n".join(lines) + "\n"
 
 
-def targets_table(targets: list[dict], floor: str = "floor", baseline: str = "hf_peft") -> str:
+def targets_table(targets: list[dict], floor: str = "floor", baseline: str = "hf_peft", mode: str = "full") -> str:
     """Per shape: the default backend against the floor and the baseline, the target and its status.
 
     A target may also bound memory: ``peak_mem`` (measured, in ``peak_mem_unit``) against
@@ -95,7 +95,7 @@ def targets_table(targets: list[dict], floor: str = "floor", baseline: str = "hf
                      for t in targets)
     with_mem = any("peak_mem" in t for t in targets)
     head = ["dtype", *cols, "default backend"]
-    head += ["full × floor" if floor == "floor" else f"full × {floor}"] if with_floor else []
+    head += [f"{mode} × {floor}"] if with_floor else []
     head += [f"speedup vs {baseline}"] + (["peak mem"] if with_mem else []) + ["target", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for t in targets:
@@ -138,7 +138,7 @@ def markdown(meta: dict, rows: list[dict], providers: tuple[str, ...] = (), extr
         out.append(f"- {note}")
     mode = m.get("plot_mode", "full")
     heading = "full mode: forward + backward" if mode == "full" else f"{mode} mode"
-    out += ["", f"## Targets ({heading})", "", targets_table(m.get("targets", []), floor, baseline)]
+    out += ["", f"## Targets ({heading})", "", targets_table(m.get("targets", []), floor, baseline, mode)]
     if m.get("skipped"):
         out += ["## Skipped", ""]
         for s in m["skipped"]:
