@@ -31,7 +31,7 @@ SPEC = backends.register(
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
         why_default={
-            "cpu": "cpp: fwd+bwd 1.08x the frozen linear vs reference 4.19x at p=0.1, 1.06x vs 1.10x at p=0 "
+            "cpu": "cpp: fwd+bwd 1.07x the frozen linear vs reference 3.28x at p=0.1, 1.08x vs 1.10x at p=0 "
             "(fp32, 2048x1024->1024, r=16, AMD EPYC 2 threads; benchmarks/results/lora_cpu.md)",
             "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",
         },
