@@ -30,6 +30,14 @@ from typing import Callable, Iterable
 
 import torch
 
+from .targets import (  # noqa: F401  (the benches import these from the harness)
+    default_vs_baseline,
+    find_target,
+    shape_matches,
+    shape_targets,
+    target_row,
+)
+
 MODES = ("fwd", "bwd", "full")
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -613,88 +621,3 @@ def registry_default(op: str, device, dtype: str, registers: str = "peftcore.ops
 
 
 # ----------------------------------------------------------------------------- targets
-
-
-def shape_matches(want: dict | None, shape: dict) -> bool:
-    """``shape`` has every key of ``want`` at its value (a tuple value: at one of its values)."""
-    if want is None:
-        return True
-    for key, v in want.items():
-        allowed = v if isinstance(v, tuple) else (v,)
-        if shape.get(key) not in allowed:
-            return False
-    return True
-
-
-def find_target(targets: list[dict], device_type: str | None, dtype: str, shape: dict) -> dict | None:
-    """The first target for this device type and dtype whose ``shape`` matches (see shape_matches)."""
-    return next((t for t in targets if t["device_type"] == device_type and t["dtype"] == dtype
-                 and shape_matches(t["shape"], shape)), None)
-
-
-def default_vs_baseline(rows: list[dict], meta: dict, mode: str, floor: str | None, baseline: str):
-    """Per (dtype, shape) measured in ``mode`` by a provider other than the floor, in the rows'
-    order: ``(dtype, shape, default provider, its row, the baseline's row)``; None where the meta
-    names no default or a row was not measured."""
-    default = meta.get("default_backend") or {}
-    sel = [r for r in rows if r["mode"] == mode]
-    index = {(r["provider"], r["dtype"], tuple(r["shape"].items())): r for r in sel}
-    shapes = []
-    for r in sel:
-        key = (r["dtype"], tuple(r["shape"].items()))
-        if r["provider"] != floor and key not in shapes:
-            shapes.append(key)
-    for dt, items in shapes:
-        prov = default.get(dt)
-        ours = index.get((prov, dt, items)) if prov else None
-        yield dt, dict(items), prov, ours, index.get((baseline, dt, items))
-
-
-def target_row(dtype: str, shape: dict, default: str | None, ratio: float | None, speedup: float | None,
-               target: dict | None, status: str | None, mode: str | None = None) -> dict:
-    """One row of the targets table: the default backend's ratio to the floor and speedup over
-    the baseline at one (dtype, shape), the target that applies (or None) and its status."""
-    row: dict = {"dtype": dtype, "shape": shape}
-    if mode is not None:
-        row["mode"] = mode
-    row.update({
-        "default_backend": default,
-        "ratio_to_floor": ratio, "speedup_vs_baseline": speedup,
-        "target": target["name"] if target else None,
-        "max_ratio_to_floor": target["max_ratio_to_floor"] if target else None,
-        "min_speedup_vs_baseline": target["min_speedup_vs_baseline"] if target else None,
-        "status": status,
-    })
-    return row
-
-
-def shape_targets(rows: list[dict], meta: dict, floor: str | None, baseline: str, targets: list[dict],
-                  mode: str) -> list[dict]:
-    """Per (dtype, shape) of ``mode``: the default backend's ratio to the floor and speedup over the
-    baseline, with a status where a target applies.
-
-    A target holds ``device_type``, ``dtype``, ``shape`` (keys to match; a tuple value is a set),
-    ``max_ratio_to_floor`` and/or ``min_speedup_vs_baseline`` (None: not checked) and optionally
-    ``strict`` (the speedup must exceed the bound, not just reach it).
-    """
-    out = []
-    for dt, shape, prov, ours, base in default_vs_baseline(rows, meta, mode, floor, baseline):
-        ratio = ours.get("ratio_to_floor") if ours else None
-        speedup = base["p50_ms"] / ours["p50_ms"] if (ours and base) else None
-        target = find_target(targets, meta.get("device_type"), dt, shape)
-        status = None
-        if target and prov == baseline:
-            status = f"n/a (the default backend is the baseline {baseline})"
-        elif target and ours is None:
-            status = "n/a (default backend not measured)"
-        elif target:
-            ok = True
-            if target["max_ratio_to_floor"] is not None:
-                ok = ratio is not None and ratio <= target["max_ratio_to_floor"]
-            bound = target["min_speedup_vs_baseline"]
-            if bound is not None:
-                beat = speedup is not None and (speedup > bound if target.get("strict") else speedup >= bound)
-                ok = ok and beat
-            status = "PASS" if ok else "FAIL"
-        out.append(target_row(dt, shape, prov, ratio, speedup, target, status, mode=mode))
-    return out
