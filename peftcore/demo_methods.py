@@ -7,6 +7,7 @@ place and freezes the encoder, so only the adapter (and the demo's new linear he
 from __future__ import annotations
 
 ADAPTER_METHODS = ("lora", "bottleneck", "compacter", "compacter++", "prompt")
+PROMPT_INIT_TEXT = "classify the intent of this request:"
 
 
 class MethodError(RuntimeError):
@@ -41,9 +42,6 @@ def adapter_config(method: str, args, model_dir):
         return pc.PromptTuningConfig(num_virtual_tokens=args.prompt_tokens, init="text",
                                      init_text=PROMPT_INIT_TEXT, tokenizer_name_or_path=str(model_dir))
     raise ValueError(f"not an adapter method: {method!r}")
-
-
-PROMPT_INIT_TEXT = "classify the intent of this request:"
 
 
 def apply_method(encoder, method: str, args, model_dir):

@@ -157,7 +157,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     source = str(Path(path) / WEIGHTS_NAME)
     injected = name not in adapter_configs(model)
     if injected:
-        apply(model, config, name=name, activate=activate)
+        apply(model, method_for_config(config).for_load(config), name=name, activate=activate)
     try:
         pairs = _match_keys(model, name, tensors, source)
     except Exception:

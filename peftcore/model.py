@@ -17,6 +17,7 @@ from torch import nn
 from .layers.base import AdapterHost, Stack, filter_spec
 from .layers.lora import LoRALinear
 from .tuners import method_for_config
+from .tuners.lora import LoRAConfig
 
 _CONFIGS = "_peftcore_configs"
 _ACTIVE = "_peftcore_active"
@@ -98,9 +99,6 @@ def train_adapter(model: nn.Module, names) -> None:
                     p.requires_grad_(True)
 
 
-mark_trainable = train_adapter  # the name before adapters other than LoRA existed
-
-
 def set_active(model: nn.Module, names) -> None:
     """Make ``names`` the active adapters: one name, a list, or a :class:`Stack`.
 
@@ -147,8 +145,6 @@ def disable_adapters(model: nn.Module):
 
 def _lora_only(model: nn.Module, names, what: str) -> None:
     configs = adapter_configs(model)
-    from .tuners.lora import LoRAConfig
-
     other = [n for n in names if not isinstance(configs[n], LoRAConfig)]
     if other:
         raise ValueError(

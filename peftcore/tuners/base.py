@@ -26,6 +26,9 @@ class Method:
             returns the qualified names of the modules it touched; it changes nothing on error.
         to_json: ``to_json(config, model, name) -> dict`` for adapter_config.json (with peft_type).
         from_json: ``from_json(d, source) -> config``; ``source`` names the file for errors.
+        for_load: ``for_load(config) -> config``, what :func:`peftcore.load_adapter` injects when
+            saved weights are about to replace the initialization (skip an init that rewrites the
+            base model or needs files, e.g. PiSSA or a text-initialized prompt); default: as is.
     """
 
     peft_type: str
@@ -33,6 +36,7 @@ class Method:
     inject: Callable[[nn.Module, Any, str], list[str]]
     to_json: Callable[[Any, nn.Module, str], dict]
     from_json: Callable[[dict, str], Any]
+    for_load: Callable[[Any], Any] = lambda config: config
 
 
 _BY_TYPE: dict[str, Method] = {}

@@ -1,5 +1,7 @@
 """LoRA: its config and its injection into models."""
 
+import dataclasses
+
 from ...layers.lora import LoRALinear
 from ..base import Method, register_method
 from .config import LoRAConfig
@@ -18,11 +20,14 @@ def _to_json(config: LoRAConfig, model, name: str) -> dict:
 
 
 def _from_json(d: dict, source: str) -> LoRAConfig:
-    config = LoRAConfig.from_peft_dict(d, source=source)
-    config.init = "default"  # saved weights replace the init; PiSSA must not rewrite the base again
-    return config
+    return LoRAConfig.from_peft_dict(d, source=source)
 
 
-METHOD = register_method(Method("LORA", LoRAConfig, inject_lora, _to_json, _from_json))
+def _for_load(config: LoRAConfig) -> LoRAConfig:
+    # Saved weights replace the init: PiSSA must not rewrite the base weights again.
+    return dataclasses.replace(config, init="default")
+
+
+METHOD = register_method(Method("LORA", LoRAConfig, inject_lora, _to_json, _from_json, _for_load))
 
 __all__ = ["LoRAConfig", "inject_lora"]

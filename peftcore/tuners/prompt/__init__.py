@@ -8,6 +8,8 @@ in PEFT); prefix tuning prepends learned keys/values inside every self-attention
 shapes alone.
 """
 
+import dataclasses
+
 from ..base import Method, dataclass_from_json, dataclass_to_json, register_method
 from .config import PrefixTuningConfig, PromptTuningConfig
 from .prefix import inject_prefix_tuning
@@ -24,13 +26,16 @@ def _json_methods(peft_type: str, cls: type, inject) -> Method:
         return dataclass_to_json(config, peft_type)
 
     def from_json(d: dict, source: str):
-        config = dataclass_from_json(cls, d, peft_type, source)
+        return dataclass_from_json(cls, d, peft_type, source)
+
+    def for_load(config):
         # Loading overwrites the initialization: do not tokenize init_text (the tokenizer directory
         # may not exist where the adapter is loaded).  Not a field, so a re-save writes the config as is.
+        config = dataclasses.replace(config)
         object.__setattr__(config, "_weights_follow", True)
         return config
 
-    return register_method(Method(peft_type, cls, inject, to_json, from_json))
+    return register_method(Method(peft_type, cls, inject, to_json, from_json, for_load))
 
 
 PROMPT_METHOD = _json_methods("PROMPT_TUNING", PromptTuningConfig, inject_prompt_tuning)
