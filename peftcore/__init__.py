@@ -13,7 +13,44 @@
 Importing peftcore probes no device, compiles nothing and loads no extension.
 """
 
-from . import distill, losses, ops
+import importlib.machinery as _machinery
+import sys as _sys
+from pathlib import Path as _Path
+
+
+class _SourceKernelsFinder:
+    """Finds ``peftcore.kernels`` in a checkout's top-level ``kernels/`` folder.
+
+    That folder has no ``__init__.py`` so that it can never shadow the PyPI package ``kernels``
+    (see kernels/README.md).  A wheel installs its files as ``peftcore/kernels/``, found the usual
+    way; a source checkout (the repository root on ``sys.path``) or an editable install has no such
+    folder, and setuptools' editable finder only maps packages that have an ``__init__.py``, so this
+    finder answers for that one name, with a namespace package over that one folder.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "peftcore.kernels":
+            return None
+        spec = _machinery.ModuleSpec(fullname, None, is_package=True)
+        spec.submodule_search_locations = [self.folder]
+        return spec
+
+
+def _map_source_kernels() -> None:
+    here = _Path(__file__).resolve().parent
+    src = here.parent / "kernels"
+    if (here / "kernels").is_dir() or not (src / "common.py").is_file():
+        return
+    if not any(isinstance(f, _SourceKernelsFinder) for f in _sys.meta_path):
+        _sys.meta_path.append(_SourceKernelsFinder(str(src)))
+
+
+_map_source_kernels()
+
+from . import distill, losses, ops  # noqa: E402
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoRALinear
 from .layers.base import Stack

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftcore as pc
-from tests.helpers import model_out, tiny_inputs, tiny_model
+from pc_testing import model_out, tiny_inputs, tiny_model
 
 
 def _three_adapters(kind="llama"):

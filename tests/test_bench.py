@@ -7,7 +7,7 @@ import torch
 
 from peftcore.bench import harness, list_benches, main
 
-from .helpers import run_bench_smoke
+from pc_testing import run_bench_smoke
 
 REQUIRED = {
     "op", "provider", "mode", "dtype", "shape", "p50_ms", "p20_ms", "p80_ms", "peak_mem_bytes",

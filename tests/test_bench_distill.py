@@ -14,7 +14,7 @@ from peftcore.bench.distill import TARGETS as KL_TARGETS
 from peftcore.bench.distill import evaluate_targets
 from peftcore.bench.fused_distill import TARGETS as FUSED_TARGETS
 
-from .helpers import run_bench_smoke
+from pc_testing import run_bench_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {

@@ -18,7 +18,7 @@ from peftcore.bench.phm import BENCH as PHM
 from peftcore.bench.phm import TARGETS as PHM_TARGETS
 from peftcore.bench.phm import shape_targets
 
-from .helpers import run_bench_smoke
+from pc_testing import run_bench_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

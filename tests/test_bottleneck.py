@@ -14,13 +14,10 @@ from peftcore.layers.bottleneck import BottleneckSlot
 from peftcore.tuners.bottleneck import BottleneckConfig, resolve_points
 from peftcore.tuners.lora import LoRAConfig
 
-from .helpers import model_out, tiny_inputs, tiny_model
+from pc_testing import HIDDEN, LAYERS, adapter_params, hook_counts, model_out, n_slots, perturb, tiny_inputs, tiny_model
 
 KINDS = ("bert", "llama", "gpt2")
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
-HIDDEN, LAYERS = 32, 2
-
-
 def quiet_model(kind: str, seed: int = 0):
     """A tiny model without dropout, for training-mode comparisons."""
     import transformers as tf
@@ -36,27 +33,6 @@ def quiet_model(kind: str, seed: int = 0):
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return tf.GPT2LMHeadModel(cfg)
     return tiny_model(kind, seed)[0]
-
-
-def adapter_params(model, name=None):
-    return {n: p for n, p in model.named_parameters()
-            if BottleneckSlot.ATTR in n.split(".") and (name is None or f".adapters.{name}." in n)}
-
-
-def perturb(model, name, std=0.5, seed=3):
-    """Give adapter ``name`` non-zero up weights (and a fresh down) so it changes outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_params(model, name).values():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def hook_counts(model):
-    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
-
-
-def n_slots(placement, layers=LAYERS):
-    return 2 * layers if placement == "houlsby" else layers
 
 
 # --- identity at init, placement, counts --------------------------------------------------------

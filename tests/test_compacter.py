@@ -18,8 +18,8 @@ from peftcore.tuners.bottleneck import (
     CompacterPlusPlusConfig,
 )
 
-from .helpers import model_out, tiny_inputs, tiny_model
-from .test_bottleneck import (
+from pc_testing import model_out, tiny_inputs, tiny_model
+from pc_testing import (
     HIDDEN,
     LAYERS,
     adapter_params,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peftcore as pc
-from tests.helpers import tiny_model
+from pc_testing import tiny_model
 
 
 def _lm_loss(model, ids):

@@ -13,7 +13,7 @@ from peftcore.losses import fused_linear_distill
 from peftcore.losses.fused_linear import BUDGET_ENV, ChunkPlan, plan_chunks
 from peftcore.reference.distill import row_losses
 
-from .conftest import rel_err
+from pc_testing import rel_err
 
 IGN = -100
 

@@ -26,7 +26,7 @@ from peftcore.native import lora_mixed as nmix
 from peftcore.ops import lora_mixed_linear
 from peftcore.reference.lora_mixed import lora_mixed_fwd as ref_fwd
 
-from .conftest import rel_err
+from pc_testing import rel_err
 
 CUDA = torch.cuda.is_available()
 REASON = native.unavailable_reason()

@@ -9,8 +9,8 @@ import torch
 import peftcore as pc
 from peftcore.layers import LoRALinear
 
-from .conftest import rel_err
-from .helpers import model_out, tiny_inputs, tiny_model
+from pc_testing import rel_err
+from pc_testing import model_out, tiny_inputs, tiny_model
 
 peft = pytest.importorskip("peft", reason="peft is in the test extra: pip install -e '.[test]'")
 pytestmark = pytest.mark.hf

@@ -12,7 +12,7 @@ from peftcore import backends
 from peftcore.losses import distill_kl
 from peftcore.reference.distill import row_losses
 
-from .conftest import rel_err
+from pc_testing import rel_err
 
 BACKENDS = ["reference", "cpp", "triton"]
 

@@ -15,7 +15,7 @@ from peftcore.ops import lora_linear
 from peftcore.reference.lora import lora_linear_formula
 from peftcore.reference.rng import dropout_threshold, hash32_int, keep_mask
 
-from .conftest import rel_err
+from pc_testing import rel_err
 
 REASON = native.unavailable_reason()
 needs_ext = pytest.mark.skipif(REASON is not None, reason=f"peftcore._C unavailable: {REASON}")

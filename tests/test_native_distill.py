@@ -14,7 +14,7 @@ from peftcore.losses import distill_kl
 from peftcore.native import distill as nd
 from peftcore.reference import distill as rd
 
-from .conftest import rel_err
+from pc_testing import rel_err
 
 REASON = native.unavailable_reason()
 needs_ext = pytest.mark.skipif(REASON is not None, reason=f"peftcore._C unavailable: {REASON}")

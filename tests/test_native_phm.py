@@ -1,7 +1,7 @@
 """The cpp and cuda backends of phm_linear (peftcore.native.phm): the whole op and the raw backend
 functions against the float64 formula and the reference, determinism, and the argument checks.
 
-``python -m tests.test_native_phm`` prints the CPU benchmark quoted in peftcore/native/phm.py.
+``python tests/test_native_phm.py`` prints the CPU benchmark quoted in peftcore/native/phm.py.
 """
 
 import pytest
@@ -14,7 +14,7 @@ from peftcore.ops import phm_linear
 from peftcore.reference import phm as ref
 from peftcore.reference.phm import phm_linear_formula
 
-from .conftest import rel_err
+from pc_testing import rel_err
 
 REASON = native.unavailable_reason()
 needs_ext = pytest.mark.skipif(REASON is not None, reason=f"peftcore._C unavailable: {REASON}")

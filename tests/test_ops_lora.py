@@ -10,7 +10,7 @@ from peftcore.ops import lora_linear
 from peftcore.reference.lora import lora_linear_formula
 from peftcore.reference.rng import keep_mask
 
-from .conftest import rel_err
+from pc_testing import rel_err
 
 BACKENDS = ["reference", "cpp", "triton"]
 

@@ -1,4 +1,5 @@
-"""The package list in pyproject.toml names every package, and peftcore.kernels maps to kernels/."""
+"""The package list in pyproject.toml names every package, peftcore.kernels maps to kernels/, and
+that folder never shadows the PyPI package ``kernels`` (which transformers imports)."""
 
 import tomllib
 from pathlib import Path
@@ -10,8 +11,9 @@ def test_every_package_is_listed():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(cfg["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "peftcore").rglob("__init__.py")}
-    found |= {"peftcore.kernels"} if (ROOT / "kernels" / "__init__.py").exists() else set()
-    assert found == listed
+    assert found | {"peftcore.kernels"} == listed
+    # No __init__.py: the folder can only be a namespace portion, never a package that shadows another.
+    assert not (ROOT / "kernels" / "__init__.py").exists()
     assert cfg["package-dir"]["peftcore.kernels"] == "kernels"
 
 
@@ -20,9 +22,54 @@ def test_kernels_import_as_peftcore_kernels_not_top_level():
 
     import peftcore.kernels
 
-    assert Path(peftcore.kernels.__file__).parent == ROOT / "kernels"
+    assert [Path(p) for p in peftcore.kernels.__path__] == [ROOT / "kernels"]
+    assert Path(__import__("peftcore.kernels.lora").kernels.lora.__file__).parent == ROOT / "kernels"
     top = distribution("peftcore").read_text("top_level.txt")
     assert top is not None and top.split() == ["peftcore"]
+
+
+def _fake_site(tmp_path) -> Path:
+    """A site folder holding a regular package ``kernels`` that stands for the installed one."""
+    pkg = tmp_path / "site" / "kernels"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("WHO = 'installed'\nclass CUDAProperties: pass\n")
+    return pkg.parent
+
+
+def test_root_kernels_folder_never_shadows_an_installed_kernels(tmp_path):
+    """The repository root first on sys.path (as under ``python -m pytest`` or ``python -m peftcore``
+    run from it) with another ``kernels`` package installed: that one imports, and peftcore's Triton
+    modules still import as peftcore.kernels."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kernels, peftcore.kernels.lora as lora\n"
+        f"assert sys.path[0] == '', sys.path[:2]\n"
+        "assert kernels.WHO == 'installed', kernels\n"
+        "from kernels import CUDAProperties\n"
+        f"assert lora.__file__.startswith({str(ROOT / 'kernels')!r}), lora.__file__\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_fake_site(tmp_path)), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_transformers_kernels_integration_imports_in_this_suite():
+    """The collision as CI met it: transformers' hub-kernels integration imports the installed
+    ``kernels`` while this suite runs from the repository root."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None:  # only our namespace portion, or nothing: not installed
+        from transformers.utils import import_utils
+
+        assert not import_utils.is_kernels_available()
+        return
+    assert Path(spec.origin).resolve().parent != ROOT / "kernels"
+    import transformers.integrations.hub_kernels  # noqa: F401  (failed with the folder a package)
 
 
 def test_installs_and_runs_without_the_extension(tmp_path):

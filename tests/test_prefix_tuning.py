@@ -13,7 +13,7 @@ import peftcore as pc
 from peftcore.layers.prompt import SLOT, PrefixEncoder
 from peftcore.tuners.prompt import PrefixTuningConfig
 from peftcore.tuners.prompt.prefix import attention_modules
-from tests.helpers import tiny_inputs, tiny_model
+from pc_testing import tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 P = 3

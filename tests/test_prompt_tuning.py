@@ -14,7 +14,7 @@ from peftcore.tuners.prompt import (
     prompt_length,
     strip_prompt,
 )
-from tests.helpers import tiny_inputs, tiny_model
+from pc_testing import tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 P = 4

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from .helpers import DEV, SETTINGS, gpu, needs_cuda
+from pc_testing import DEV, SETTINGS, gpu, needs_cuda
 
 if not torch.cuda.is_available():
     # Must precede the first import of triton-decorated kernels (triton.jit reads it then).

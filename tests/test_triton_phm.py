@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from .helpers import CUDA, DEV, SETTINGS, gpu, gpu_configs, needs_cuda
+from pc_testing import CUDA, DEV, SETTINGS, gpu, gpu_configs, needs_cuda
 
 if not torch.cuda.is_available():
     # Must precede the first import of triton-decorated kernels (triton.jit reads it then).

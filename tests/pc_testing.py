@@ -1,5 +1,7 @@
-"""Helpers shared by test modules: tiny transformers models built from configs (no download) for
-model-level tests, the device setup of the Triton kernel tests, and the benchmarks' smoke run."""
+"""Helpers shared by test modules (imported as ``pc_testing``: pyproject puts tests/ on the path, so
+no test depends on the repository root being importable): tiny transformers models built from
+configs (no download) for model-level tests, the relative error of the equivalence tests, the
+device setup of the Triton kernel tests, the bottleneck tests' probes and the benchmarks' smoke run."""
 
 import json
 import time
@@ -76,3 +78,37 @@ def run_bench_smoke(op: str, out):
     assert rc == 0
     stem = op.replace("-", "_") + "_cpu_smoke"
     return out, stem, json.loads((out / f"{stem}.json").read_text()), elapsed
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# --------------------------------------------------------------------------- bottleneck adapters
+
+HIDDEN, LAYERS = 32, 2
+
+
+def adapter_params(model, name=None):
+    from peftcore.layers.bottleneck import BottleneckSlot
+
+    return {n: p for n, p in model.named_parameters()
+            if BottleneckSlot.ATTR in n.split(".") and (name is None or f".adapters.{name}." in n)}
+
+
+def perturb(model, name, std=0.5, seed=3):
+    """Give adapter ``name`` non-zero up weights (and a fresh down) so it changes outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_params(model, name).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def hook_counts(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+def n_slots(placement, layers=LAYERS):
+    return 2 * layers if placement == "houlsby" else layers
