@@ -52,7 +52,9 @@ def apply(model: nn.Module, config, name: str = "default", activate: bool = True
     ``config`` is any peftcore config (:class:`LoRAConfig`, :class:`BottleneckConfig`,
     :class:`CompacterConfig`, :class:`PromptTuningConfig`, :class:`PrefixTuningConfig`).
     Afterwards only the parameters of adapter ``name`` are trainable (every base parameter and
-    every other adapter is frozen); with ``activate`` the new adapter becomes the active one.
+    every other adapter is frozen); with ``activate`` the new adapter becomes the active one.  The
+    new modules take the train/eval mode of the modules they go into (a model in ``eval()`` runs
+    no adapter dropout until ``model.train()``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -61,13 +63,34 @@ def apply(model: nn.Module, config, name: str = "default", activate: bool = True
     if name in adapter_configs(model):
         raise ValueError(f"model already has an adapter named {name!r}")
     method = method_for_config(config)
+    before = {id(m) for m in model.modules()}
     targets = method.inject(model, config, name)
+    take_host_mode(model, before)
     _set_configs(model, {**adapter_configs(model), name: config})
     object.__setattr__(model, "_peftcore_targets", {**getattr(model, "_peftcore_targets", {}), name: targets})
     train_adapter(model, name)
     if activate:
         set_active(model, name)
     return model
+
+
+def take_host_mode(model: nn.Module, before: set[int]) -> None:
+    """Every module added to ``model`` since ``before`` (ids of its modules then) takes the train/eval
+    mode of the module it was inserted into; modules that were there keep theirs.
+
+    A new module starts in training mode, but a model from ``from_pretrained`` is in eval mode:
+    without this, an adapter added to it would run dropout at inference.
+    """
+
+    def visit(module: nn.Module, mode: bool) -> None:
+        for child in module.children():
+            if id(child) in before:
+                visit(child, child.training)
+            else:
+                child.training = mode
+                visit(child, mode)
+
+    visit(model, model.training)
 
 
 def _names(names) -> list[str]:

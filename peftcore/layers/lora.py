@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lora import lora_linear
 from ..ops.lora_mixed import lora_mixed_linear
-from ..reference.lora import dropout as _ref_dropout
-from ..reference.rng import new_seed
 from .base import AdapterHost, check_active
 
 
@@ -42,7 +41,10 @@ class LoRALinear(nn.Module, AdapterHost):
         self.lora_B = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self.dropout_p: dict[str, float] = {}
+        # One nn.Dropout per adapter (nn.Identity at p = 0), as PEFT keeps them: tools that reach
+        # every nn.Dropout (model.eval(), TRL's disable_dropout_in_model setting p = 0) reach these.
+        # The fused op reads p and the module's training flag; it never calls the module.
+        self.lora_dropout = nn.ModuleDict()
         self.backend: dict[str, str | None] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
@@ -62,7 +64,9 @@ class LoRALinear(nn.Module, AdapterHost):
         self.lora_A[name], self.lora_B[name] = a, b
         self.r[name] = config.r
         self.scaling[name] = config.scaling
-        self.dropout_p[name] = float(config.dropout)
+        p = float(config.dropout)
+        self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)
         self.backend[name] = config.backend
         self._init(name, config.init)
 
@@ -98,8 +102,8 @@ class LoRALinear(nn.Module, AdapterHost):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting")
-        del self.lora_A[name], self.lora_B[name]
-        for d in (self.r, self.scaling, self.dropout_p, self.backend):
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        for d in (self.r, self.scaling, self.backend):
             d.pop(name, None)
         self.active = [n for n in self.active if n != name]
 
@@ -161,6 +165,12 @@ class LoRALinear(nn.Module, AdapterHost):
         while self.merged:
             self._add_to_base(-self.delta_weight(self.merged.pop()))
 
+    def dropout_p(self, name: str) -> float:
+        """The dropout probability adapter ``name`` applies now: its ``nn.Dropout``'s ``p`` in
+        training mode, 0 in eval mode (or once a tool set ``p = 0``), as ``nn.Dropout`` itself."""
+        d = self.lora_dropout[name]
+        return float(d.p) if isinstance(d, nn.Dropout) and d.training else 0.0
+
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = [] if self.disabled else [n for n in self.active if n not in self.merged]
@@ -175,21 +185,22 @@ class LoRALinear(nn.Module, AdapterHost):
             return self.base_layer(x)
         w = self.weight_out_in()
         bias = self.base_layer.bias
-        if x.dtype != w.dtype:
+        # Under autocast the op casts every input itself, as F.linear does; otherwise the adapter
+        # runs in the base weight's dtype (fp32 adapter weights get their gradient through .to).
+        cast = not torch.is_autocast_enabled(x.device.type)
+        if cast and x.dtype != w.dtype:
             x = x.to(w.dtype)
         first, rest = names[0], names[1:]
-        p = self.dropout_p[first] if self.training else 0.0
+        a, b = self.lora_A[first].weight, self.lora_B[first].weight
         y = lora_linear(
-            x, w, bias,
-            self.lora_A[first].weight.to(w.dtype), self.lora_B[first].weight.to(w.dtype),
-            self.scaling[first], dropout_p=p, backend=self.backend[first],
+            x, w, bias, a.to(w.dtype) if cast else a, b.to(w.dtype) if cast else b,
+            self.scaling[first], dropout_p=self.dropout_p(first), backend=self.backend[first],
         )
-        for name in rest:  # several active adapters: the rest add their low-rank terms
-            p = self.dropout_p[name] if self.training else 0.0
-            x2 = x.reshape(-1, self.in_features)
-            xd = _ref_dropout(x2, p, new_seed()) if p > 0 else x2
-            lo = (xd @ self.lora_A[name].weight.to(w.dtype).t()) @ self.lora_B[name].weight.to(w.dtype).t()
-            y = y + self.scaling[name] * lo.reshape(y.shape)
+        for name in rest:  # several active adapters: the rest add their low-rank terms (PEFT's way)
+            xd = self.lora_dropout[name](x)
+            lo = F.linear(F.linear(xd.to(y.dtype), self.lora_A[name].weight.to(y.dtype)),
+                          self.lora_B[name].weight.to(y.dtype))
+            y = y + self.scaling[name] * lo
         return y
 
     def extra_repr(self) -> str:

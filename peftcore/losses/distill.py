@@ -12,9 +12,14 @@ compare with those, divide our value by T².
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .. import backends
+from ..ops._checks import check_backend
+from ..ops._library import absent, autocast, autocasting, implementation, is_one, present
 from ..reference.distill import KINDS
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,29 +50,50 @@ SPEC = backends.register(
 )
 
 
-class _DistillKLFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s2, t2, temperature, kind, beta, row_weight, per_row, impl):
-        need_grad = ctx.needs_input_grad[0]
-        loss_rows, grad = impl.distill_fwd(s2, t2, temperature, kind, beta, row_weight, need_grad)
-        ctx.per_row = per_row
-        ctx.save_for_backward(grad if need_grad else None)
-        if per_row:
-            return loss_rows
-        return (loss_rows.double() * row_weight.double()).sum().to(loss_rows.dtype)
+@torch.library.custom_op("peftcore::distill_kl", mutates_args=())
+def _distill_kl_op(
+    s: Tensor, t: Tensor, row_weight: Tensor, temperature: float, kind: str, beta: float, per_row: bool,
+    need_grad: bool, backend: Optional[str],
+) -> tuple[Tensor, Tensor]:
+    """``(loss, grad)``: per-row losses ``[N]`` (``per_row``) or their ``row_weight``-weighted sum,
+    and ``∂(Σ row_weight · loss_rows)/∂s`` ``[N, V]`` (empty unless ``need_grad``)."""
+    impl = implementation("distill_kl", s, backend)
+    loss_rows, grad = impl.distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad)
+    if not per_row:
+        loss_rows = (loss_rows.double() * row_weight.double()).sum().to(loss_rows.dtype)
+    return loss_rows, present(grad, s)
 
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return (None,) * 8
-        if ctx.per_row:
-            dg = grad * g.to(grad.dtype)[:, None]
-        elif g.numel() == 1 and float(g) == 1.0:
-            dg = grad  # the usual loss.backward(): nothing to scale, no copy
-        else:
-            dg = grad * g.to(grad.dtype)
-        return (dg,) + (None,) * 7
+
+@_distill_kl_op.register_fake
+def _(s, t, row_weight, temperature, kind, beta, per_row, need_grad, backend):
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    loss = s.new_empty(s.shape[:1] if per_row else (), dtype=dtype)
+    return loss, s.new_empty(s.shape) if need_grad else absent(s)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.per_row, ctx.need_grad = inputs[6], inputs[7]
+    ctx.save_for_backward(output[1] if ctx.need_grad else None)
+
+
+def _backward(ctx, g, _dgrad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.need_grad or not ctx.needs_input_grad[0]:
+        return (None,) * 9
+    if ctx.per_row:
+        dg = grad * g.to(grad.dtype)[:, None]
+    elif is_one(g):
+        dg = grad  # the usual eager loss.backward(): nothing to scale, no [N, V] copy
+    else:
+        dg = grad * g.to(grad.dtype)
+    return (dg,) + (None,) * 8
+
+
+torch.library.register_autograd("peftcore::distill_kl", _backward, setup_context=_setup_context)
+# A loss: nothing is lowered (the kernels accumulate in fp32 whatever they read, and return fp32,
+# as autocast's fp32 ops do); mixed student/teacher dtypes meet at the wider one.  The row weights
+# (position 2) stay as the wrapper made them.
+autocast("distill_kl", "promote", keep=(2,))
 
 
 def _check(student_logits, teacher_logits, temperature, reduction, mask, kind, beta):
@@ -85,7 +111,7 @@ def _check(student_logits, teacher_logits, temperature, reduction, mask, kind, b
         )
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits on {student_logits.device}")
-    if teacher_logits.dtype != student_logits.dtype:
+    if teacher_logits.dtype != student_logits.dtype and not autocasting(student_logits):
         raise TypeError(f"teacher_logits has dtype {teacher_logits.dtype} but student_logits has {student_logits.dtype}")
     if teacher_logits.requires_grad:
         raise ValueError("teacher_logits requires grad; the teacher is fixed here: pass teacher_logits.detach()")
@@ -120,12 +146,14 @@ def distill_kl(student_logits, teacher_logits, temperature=1.0, reduction="batch
             the generalized Jensen-Shannon divergence with weight ``beta`` on the teacher.
         backend: ``"reference" | "triton" | "cpp" | "cuda"`` or None for the registry's choice.
 
-    Returns a scalar (fp32) or, with ``reduction="none"``, per-row losses.  Test vector: student
+    Returns a scalar (fp32) or, with ``reduction="none"``, per-row losses.  Under ``torch.autocast``
+    nothing is lowered (the math is fp32 whatever the logits' dtype); student and teacher logits of
+    different dtypes meet at the wider one.  The custom op ``peftcore::distill_kl`` (compiles
+    without a graph break).  Test vector: student
     [1, 2, 3], teacher [3, 2, 1], T = 2 gives 1.280627 (0.320157 before the T²).
     """
     _check(student_logits, teacher_logits, temperature, reduction, mask, kind, beta)
-    name = backends.select("distill_kl", student_logits.device, student_logits.dtype, backend)
-    impl = backends.implementation("distill_kl", name)
+    check_backend(backend)
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
     n = student_logits.numel() // v
     s2 = student_logits.reshape(n, v)
@@ -140,5 +168,7 @@ def distill_kl(student_logits, teacher_logits, temperature=1.0, reduction="batch
         weight = weight / count
     elif reduction == "mean":
         weight = weight / (count * v)
-    out = _DistillKLFn.apply(s2, t2, float(temperature), kind, float(beta), weight, reduction == "none", impl)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    out = _distill_kl_op(s2, t2, weight, float(temperature), kind, float(beta), reduction == "none", need_grad,
+                         backend)[0]
     return out.reshape(lead) if reduction == "none" else out

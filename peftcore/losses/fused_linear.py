@@ -36,14 +36,16 @@ forward + backward, median of 3): fp32 GEMMs of 171 rows run at ~72% of their 10
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 from .. import backends
+from ..ops._checks import check_backend
+from ..ops._library import absent, autocast, is_one, present
 from ..reference.distill import KINDS
 from .distill import SPEC as _DISTILL_SPEC  # noqa: F401  (registers the distill_kl backends)
 
@@ -148,103 +150,150 @@ def _mm_into(out, a, b, accumulate):
         out.copy_(torch.mm(a, b))
 
 
-class _FusedLinearDistillFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hs, ws, ht, wt, bs, bt, labels, temperature, alpha, kind, beta, ignore_index, plan, impl):
-        n, v = hs.shape[0], ws.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bs is not None and ctx.needs_input_grad[4]
-        need_grad = need_h or need_w or need_b
-        kl, ce = alpha < 1, alpha > 0
-        wide = torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
+def _check_label_values(labels, v: int, ignore_index: int) -> None:
+    """Labels in [0, V) or ignore_index: a host read, so it runs inside the op, not in a traced graph."""
+    bad = ((labels < 0) | (labels >= v)) & (labels != ignore_index)
+    if labels.numel() and bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(f"labels must be in [0, V) = [0, {v}) or ignore_index ({ignore_index}); found {first}")
+
+
+@torch.library.custom_op("peftcore::fused_linear_distill", mutates_args=())
+def _fused_linear_distill_op(
+    hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, bs: Optional[Tensor], bt: Optional[Tensor],
+    labels: Optional[Tensor], temperature: float, alpha: float, kind: str, beta: float, ignore_index: int,
+    rows: int, half_acc: bool, needs: list[bool], backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_hidden, grad_head, grad_bias)``; a gradient not in ``needs`` is an empty tensor."""
+    if labels is not None:
+        _check_label_values(labels, ws.shape[0], ignore_index)
+    impl = None
+    if alpha < 1:
         common = torch.promote_types(hs.dtype, ht.dtype)
+        impl = backends.implementation("distill_kl", backends.select("distill_kl", hs.device, common, backend))
+    need_h, need_w, need_b = needs
+    loss, grads = _fused_forward(hs, ws, ht, wt, bs, bt, labels, temperature, alpha, kind, beta, ignore_index,
+                                 rows, half_acc, need_h, need_w, need_b, impl)
+    return (loss, *(present(g, hs) for g in grads))
 
-        if labels is not None:
-            live = labels != ignore_index
-            safe = torch.where(live, labels, torch.zeros_like(labels))
+
+@_fused_linear_distill_op.register_fake
+def _(hs, ws, ht, wt, bs, bt, labels, temperature, alpha, kind, beta, ignore_index, rows, half_acc, needs,
+      backend):
+    wide = torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
+    grads = [hs.new_empty(hs.shape) if needs[0] else absent(hs), ws.new_empty(ws.shape) if needs[1] else absent(hs),
+             bs.new_empty(bs.shape) if needs[2] and bs is not None else absent(hs)]
+    return (hs.new_empty((), dtype=wide), *grads)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.needs = inputs[14]
+    ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, go, *_):
+    grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
+    if type(go) is not torch.Tensor or torch.compiler.is_compiling():  # traced: no host read, no in-place
+        grads = [None if g is None else g * go.to(g.dtype) for g in grads]
+    elif not is_one(go):
+        # In place, as Liger does: no second [V, H] copy.  A second backward through a retained
+        # graph then fails autograd's saved-tensor version check instead of scaling twice.
+        for g in grads:
+            if g is not None:
+                g.mul_(go.to(g.dtype))
+    gh, gw, gb = grads
+    return (gh, gw, None, None, gb) + (None,) * 11
+
+
+torch.library.register_autograd("peftcore::fused_linear_distill", _backward, setup_context=_setup_context)
+# The wrapper casts under autocast (F.linear's rule for both heads' matmuls) before planning the
+# chunks; the op body runs with autocast excluded.
+autocast("fused_linear_distill", "none")
+
+
+def _fused_forward(hs, ws, ht, wt, bs, bt, labels, temperature, alpha, kind, beta, ignore_index, rows, half_acc,
+                   need_h, need_w, need_b, impl):
+    n, v = hs.shape[0], ws.shape[0]
+    need_b = bs is not None and need_b
+    need_grad = need_h or need_w or need_b
+    kl, ce = alpha < 1, alpha > 0
+    wide = torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
+    common = torch.promote_types(hs.dtype, ht.dtype)
+
+    if labels is not None:
+        live = labels != ignore_index
+        safe = torch.where(live, labels, torch.zeros_like(labels))
+    else:
+        live = torch.ones(n, dtype=torch.bool, device=hs.device)
+    weight = live.to(wide) / live.sum().clamp_min(1).to(wide)  # batchmean over live rows
+    w_kl, w_ce = weight * (1.0 - alpha), weight * alpha
+
+    grad_h = torch.empty_like(hs, memory_format=torch.contiguous_format) if need_h else None
+    grad_w = acc_w = acc_b = None
+    head_acc = torch.float32 if half_acc and n > rows else None  # ChunkPlan.head_acc
+    if need_w and head_acc is None:
+        grad_w = acc_w = torch.empty(ws.shape, dtype=ws.dtype, device=ws.device)
+    elif need_w:
+        acc_w = torch.empty(ws.shape, dtype=head_acc, device=ws.device)
+    if need_b:
+        acc_b = torch.zeros(v, dtype=torch.promote_types(bs.dtype, torch.float32), device=bs.device)
+    loss = torch.zeros((), dtype=torch.float64, device=hs.device)
+
+    # One set of [rows, V] buffers reused by every chunk (matmuls and log-softmax write into
+    # them): on the CPU a fresh tensor this size is an mmap whose pages fault in on every chunk.
+    rows = max(min(rows, n), 1)
+    s_buf = torch.empty(rows, v, dtype=hs.dtype, device=hs.device) if n else None
+    t_buf = torch.empty(rows, v, dtype=ht.dtype, device=hs.device) if n and kl else None
+    ce_buf = torch.empty(rows, v, dtype=wide, device=hs.device) if n and ce else None
+    for c, i in enumerate(range(0, n, rows)):
+        j = min(i + rows, n)
+        h = hs[i:j]
+        s = s_buf[: j - i]
+        if bs is None:
+            torch.mm(h, ws.t(), out=s)
         else:
-            live = torch.ones(n, dtype=torch.bool, device=hs.device)
-        weight = live.to(wide) / live.sum().clamp_min(1).to(wide)  # batchmean over live rows
-        w_kl, w_ce = weight * (1.0 - alpha), weight * alpha
-
-        grad_h = torch.empty_like(hs, memory_format=torch.contiguous_format) if need_h else None
-        grad_w = acc_w = acc_b = None
-        if need_w and (plan.head_acc is None):
-            grad_w = acc_w = torch.empty(ws.shape, dtype=ws.dtype, device=ws.device)
-        elif need_w:
-            acc_w = torch.empty(ws.shape, dtype=plan.head_acc, device=ws.device)
-        if need_b:
-            acc_b = torch.zeros(v, dtype=torch.promote_types(bs.dtype, torch.float32), device=bs.device)
-        loss = torch.zeros((), dtype=torch.float64, device=hs.device)
-
-        # One set of [rows, V] buffers reused by every chunk (matmuls and log-softmax write into
-        # them): on the CPU a fresh tensor this size is an mmap whose pages fault in on every chunk.
-        rows = max(min(plan.rows, n), 1)
-        s_buf = torch.empty(rows, v, dtype=hs.dtype, device=hs.device) if n else None
-        t_buf = torch.empty(rows, v, dtype=ht.dtype, device=hs.device) if n and kl else None
-        ce_buf = torch.empty(rows, v, dtype=wide, device=hs.device) if n and ce else None
-        for c, i in enumerate(range(0, n, rows)):
-            j = min(i + rows, n)
-            h = hs[i:j]
-            s = s_buf[: j - i]
-            if bs is None:
-                torch.mm(h, ws.t(), out=s)
+            torch.addmm(bs, h, ws.t(), out=s)
+        ds = None
+        if ce:
+            logp = torch.log_softmax(s, -1, dtype=wide, out=ce_buf[: j - i])
+            y, wc = safe[i:j, None], w_ce[i:j]
+            loss += (logp.gather(1, y).squeeze(1).to(torch.float64) * wc).sum().neg()
+            if need_grad:  # softmax − onehot, weighted, in place
+                ds = logp.exp_().mul_(wc[:, None]).scatter_add_(1, y, -wc[:, None].to(logp.dtype))
+        if kl:
+            t = t_buf[: j - i]
+            if bt is None:
+                torch.mm(ht[i:j], wt.t(), out=t)
             else:
-                torch.addmm(bs, h, ws.t(), out=s)
-            ds = None
-            if ce:
-                logp = torch.log_softmax(s, -1, dtype=wide, out=ce_buf[: j - i])
-                y, wc = safe[i:j, None], w_ce[i:j]
-                loss += (logp.gather(1, y).squeeze(1).to(torch.float64) * wc).sum().neg()
-                if need_grad:  # softmax − onehot, weighted, in place
-                    ds = logp.exp_().mul_(wc[:, None]).scatter_add_(1, y, -wc[:, None].to(logp.dtype))
-            if kl:
-                t = t_buf[: j - i]
-                if bt is None:
-                    torch.mm(ht[i:j], wt.t(), out=t)
-                else:
-                    torch.addmm(bt, ht[i:j], wt.t(), out=t)
-                sc = s if s.dtype == common else s.to(common)
-                tc = t if t.dtype == common else t.to(common)
-                wk = w_kl[i:j]
-                rows_loss, g = impl.distill_fwd(sc, tc, temperature, kind, beta, wk, need_grad)
-                del sc, tc
-                loss += (rows_loss.to(torch.float64) * wk).sum()
-                if need_grad:
-                    ds = g if ds is None else ds.add_(g)
-                del g, rows_loss
-            if not need_grad:
-                continue
-            ds = ds if ds.dtype == hs.dtype else ds.to(hs.dtype)
-            if need_h:
-                torch.mm(ds, ws, out=grad_h[i:j])
-            if need_w:
-                _mm_into(acc_w, ds.t(), h, accumulate=c > 0)
-            if need_b:
-                acc_b += ds.sum(0, dtype=acc_b.dtype)
-            del ds
-        del s_buf, t_buf, ce_buf
+                torch.addmm(bt, ht[i:j], wt.t(), out=t)
+            sc = s if s.dtype == common else s.to(common)
+            tc = t if t.dtype == common else t.to(common)
+            wk = w_kl[i:j]
+            rows_loss, g = impl.distill_fwd(sc, tc, temperature, kind, beta, wk, need_grad)
+            del sc, tc
+            loss += (rows_loss.to(torch.float64) * wk).sum()
+            if need_grad:
+                ds = g if ds is None else ds.add_(g)
+            del g, rows_loss
+        if not need_grad:
+            continue
+        ds = ds if ds.dtype == hs.dtype else ds.to(hs.dtype)
+        if need_h:
+            torch.mm(ds, ws, out=grad_h[i:j])
+        if need_w:
+            _mm_into(acc_w, ds.t(), h, accumulate=c > 0)
+        if need_b:
+            acc_b += ds.sum(0, dtype=acc_b.dtype)
+        del ds
+    del s_buf, t_buf, ce_buf
 
-        if need_w and n == 0:
-            acc_w.zero_()
-        if need_w and grad_w is None:
-            grad_w = acc_w.to(ws.dtype)
-        del acc_w
-        grad_b = acc_b.to(bs.dtype) if need_b else None
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return loss.to(wide)
-
-    @staticmethod
-    def backward(ctx, go):
-        grads = list(ctx.saved_tensors)
-        if go.numel() != 1 or float(go) != 1.0:
-            # In place, as Liger does: no second [V, H] copy.  A second backward through a retained
-            # graph then fails autograd's saved-tensor version check instead of scaling twice.
-            for g in grads:
-                if g is not None:
-                    g.mul_(go.to(g.dtype))
-        gh, gw, gb = grads
-        return (gh, gw, None, None, gb) + (None,) * 9
+    if need_w and n == 0:
+        acc_w.zero_()
+    if need_w and grad_w is None:
+        grad_w = acc_w.to(ws.dtype)
+    del acc_w
+    grad_b = acc_b.to(bs.dtype) if need_b else None
+    return loss.to(wide), (grad_h, grad_w, grad_b)
 
 
 def _is_number(x):
@@ -311,11 +360,6 @@ def _check(hs, ws, ht, wt, bs, bt, labels, temperature, alpha, chunk_size, kind,
     if labels.shape != hs.shape[:-1] and not (labels.dim() == 1 and labels.numel() == hs.numel() // hs.shape[-1]):
         raise ValueError(f"labels must have shape {tuple(hs.shape[:-1])} (the rows of student_hidden), "
                          f"got {tuple(labels.shape)}")
-    v = ws.shape[0]
-    bad = ((labels < 0) | (labels >= v)) & (labels != ignore_index)
-    if labels.numel() and bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise ValueError(f"labels must be in [0, V) = [0, {v}) or ignore_index ({ignore_index}); found {first}")
 
 
 def fused_linear_distill(student_hidden, student_head, teacher_hidden, teacher_head, labels=None,
@@ -358,8 +402,7 @@ def fused_linear_distill(student_hidden, student_head, teacher_hidden, teacher_h
     with a grad_output other than 1.
     """
     dev = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(dev)
-    if autocast:
+    if torch.is_autocast_enabled(dev):
         # Like F.linear under autocast: both sides' matmuls run in the autocast dtype (fp32 master
         # weights get their gradient back through the cast).
         ad = torch.get_autocast_dtype(dev)
@@ -374,16 +417,15 @@ def fused_linear_distill(student_hidden, student_head, teacher_hidden, teacher_h
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n, v = hs.shape[0], student_head.shape[0]
     y = labels.reshape(n).long() if labels is not None else None
-    common = torch.promote_types(hs.dtype, ht.dtype)
-    impl = None
-    if alpha < 1:
-        name = backends.select("distill_kl", hs.device, common, backend)
-        impl = backends.implementation("distill_kl", name)
+    check_backend(backend)
     head_grad = torch.is_grad_enabled() and student_head.requires_grad
     plan = plan_chunks(n, v, hs.shape[1], hs.dtype, ht.dtype, hs.device, alpha=float(alpha), head_grad=head_grad,
                        chunk_size=chunk_size, memory_budget=memory_budget)
     tb = teacher_bias.detach() if teacher_bias is not None else None
-    with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
-        return _FusedLinearDistillFn.apply(hs, student_head, ht, teacher_head.detach(), student_bias, tb, y,
-                                           float(temperature), float(alpha), kind, float(beta), int(ignore_index),
-                                           plan, impl)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and hs.requires_grad, head_grad,
+             grad_on and student_bias is not None and student_bias.requires_grad]
+    loss = _fused_linear_distill_op(
+        hs, student_head, ht, teacher_head.detach(), student_bias, tb, y, float(temperature), float(alpha), kind,
+        float(beta), int(ignore_index), plan.rows, plan.head_acc is not None, needs, backend)[0]
+    return loss

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .. import backends
+
 
 def check_floats(*named: tuple[str, object]) -> None:
     """Each ``(name, value)`` is a floating-point torch.Tensor, checked in order."""
@@ -38,14 +40,15 @@ def check_bias(bias, out_features: int) -> None:
         raise ValueError(f"bias must be [out={out_features}], got shape {tuple(bias.shape)}")
 
 
-def check_like_x(x: torch.Tensor, **tensors) -> None:
-    """Every tensor given by name (None ones are skipped) is on x's device and has x's dtype."""
+def check_like_x(x: torch.Tensor, same_dtype: bool = True, **tensors) -> None:
+    """Every tensor given by name (None ones are skipped) is on x's device and, with ``same_dtype``,
+    has x's dtype (under autocast mixed dtypes are legal: the op casts them, as F.linear does)."""
     for name, t in tensors.items():
         if t is None:
             continue
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
-        if t.dtype != x.dtype:
+        if same_dtype and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share a dtype")
 
 
@@ -56,3 +59,9 @@ def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2, lead
+
+
+def check_backend(backend) -> None:
+    """``backend`` is None or a backend name (whether it can run is decided inside the op)."""
+    if backend is not None and backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)} or None, got {backend!r}")

@@ -2,15 +2,22 @@
 
 Saved for backward: x (its 2-D view), the rank-r intermediate xa = dropout(x) Aᵀ and the integer
 seed.  No dropout output and no mask are kept: the backward pass regenerates the mask.
+
+The op is ``peftcore::lora_linear`` (forward) and ``peftcore::lora_linear_backward``, custom ops
+with fake implementations and a registered autograd formula (see :mod:`peftcore.ops._library`).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .. import backends
 from ..reference.rng import check_seed, dropout_threshold, new_seed
-from ._checks import as_rows, check_bias, check_floats, check_like_x, weight_shape
+from ._checks import as_rows, check_backend, check_bias, check_floats, check_like_x, weight_shape
+from ._library import absent, autocast, autocasting, implementation, optional, present
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,25 +46,64 @@ SPEC = backends.register(
 )
 
 
-class _LoRALinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, weight, bias, lora_a, lora_b, scaling, p, seed, impl):
-        y2, xa = impl.lora_fwd(x2, weight, bias, lora_a, lora_b, scaling, p, seed)
-        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.seed, ctx.impl = scaling, p, seed, impl
-        ctx.has_bias = bias is not None
-        return y2
+@torch.library.custom_op("peftcore::lora_linear", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scaling: float,
+    p: float, seed: int, backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y [M, N], xa [M, R], seed)`` on 2-D x; seed < 0 with p > 0 draws one (inside the op: no
+    host sync in the traced path, and compiled and eager runs draw the same)."""
+    impl = implementation("lora_linear", x, backend)
+    if p > 0.0 and seed < 0:
+        seed = new_seed()
+    y, xa = impl.lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, max(seed, 0))
+    return y, xa, torch.tensor(max(seed, 0), dtype=torch.int64)
 
-    @staticmethod
-    def backward(ctx, dy2):
-        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[2] and ctx.has_bias, n[3], n[4])
-        dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-        dx, dw, db, da, dbl = ctx.impl.lora_bwd(
-            dy2, x2, xa, weight, lora_a, lora_b, ctx.scaling, ctx.p, ctx.seed, needs
-        )
-        return dx, dw, db, da, dbl, None, None, None, None
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, p, seed, backend):
+    m = x.shape[0]
+    return (x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_a.shape[0]),
+            torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("peftcore::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+    p: float, seed: Tensor, needs: list[bool], backend: Optional[str],
+) -> list[Tensor]:
+    """``[dx, dweight, dbias, da, db]``; an entry not in ``needs`` is an empty tensor."""
+    impl = implementation("lora_linear", x, backend)
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    grads = impl.lora_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, int(seed), tuple(needs))
+    return [present(g, x) for g in grads]
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, needs, backend):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
+    return [x.new_empty(s) if need else absent(x) for s, need in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, p, _, backend = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, output[2])
+    ctx.scaling, ctx.p, ctx.backend, ctx.has_bias = scaling, p, backend, bias is not None
+
+
+def _backward(ctx, dy, _dxa, _dseed):
+    x, xa, weight, lora_a, lora_b, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4]]
+    if not any(needs):
+        return (None,) * 9
+    grads = _lora_linear_backward_op(dy, x, xa, weight, lora_a, lora_b, ctx.scaling, ctx.p, seed, needs, ctx.backend)
+    return (*(optional(g, need) for g, need in zip(grads, needs)), None, None, None, None)
+
+
+torch.library.register_autograd("peftcore::lora_linear", _backward, setup_context=_setup_context)
+autocast("lora_linear", "lower")  # F.linear's rule: the op runs in the autocast dtype
+autocast("lora_linear_backward", "none")
 
 
 def _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p):
@@ -75,7 +121,7 @@ def _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p):
     if lora_b.dim() != 2 or tuple(lora_b.shape) != (out_f, r):
         raise ValueError(f"lora_b must be [out={out_f}, r={r}], got shape {tuple(lora_b.shape)}")
     check_bias(bias, out_f)
-    check_like_x(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    check_like_x(x, same_dtype=not autocasting(x), weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
@@ -96,13 +142,15 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=No
         seed: int in [0, 2**31) fixing the dropout mask; None draws one from torch's generator.
         backend: ``"reference" | "triton" | "cpp" | "cuda"`` or None for the registry's choice.
 
-    Returns ``[..., out]`` in x's dtype; accumulation is fp32 for half inputs.
+    Returns ``[..., out]`` in x's dtype; accumulation is fp32 for half inputs.  Under
+    ``torch.autocast`` the inputs are cast as ``F.linear``'s are and the result has the autocast
+    dtype.  A ``torch.library`` custom op (``peftcore::lora_linear``): ``torch.compile`` traces it
+    without a graph break, and the backend is chosen inside it, at run time.
     """
     _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    check_backend(backend)
     p = float(dropout_p)
-    seed = 0 if p == 0.0 else (new_seed() if seed is None else check_seed(seed))
-    name = backends.select("lora_linear", x.device, x.dtype, backend)
-    impl = backends.implementation("lora_linear", name)
+    seed = 0 if p == 0.0 else (-1 if seed is None else check_seed(seed))
     x2, lead = as_rows(x)
-    y2 = _LoRALinearFn.apply(x2, weight, bias, lora_a, lora_b, float(scaling), p, seed, impl)
+    y2 = _lora_linear_op(x2, weight, bias, lora_a, lora_b, float(scaling), p, seed, backend)[0]
     return y2.reshape(*lead, weight.shape[0])
