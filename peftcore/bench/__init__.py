@@ -2,10 +2,10 @@
 
 ``main(argv)`` is the CLI entry (``peftcore bench lora --preset cpu``, ``peftcore bench distill``,
 ``peftcore bench fused-distill``, ``peftcore bench phm``, ``peftcore bench lora-mixed``,
-``peftcore bench --list``);
-``benchmarks/bench_<op>.py`` are thin scripts around it.  Output: ``<out>/<stem>.json`` (rows),
-``<stem>.md`` (tables, targets) and ``<stem>.png``; the formats are documented in
-benchmarks/README.md.
+``peftcore bench --list``, ``peftcore bench compare OLD.json NEW.json``, ``peftcore bench render
+FILE.json``); ``benchmarks/bench_<op>.py`` are thin scripts around it.  Output:
+``<out>/<stem>.json`` (rows), ``<stem>.md`` (tables, targets) and ``<stem>.png``; the formats and
+the timing method (interleaved rounds) are documented in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import importlib
 import shlex
 import sys
 from pathlib import Path
+
+from . import compare, timing
 
 _BENCHES = {  # CLI name -> module with a BENCH
     "lora": "peftcore.bench.lora",
@@ -50,9 +52,17 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--name", default=None,
                         help="file stem (default: <op>_<device kind>, plus _<preset> unless cpu/gpu)")
         sp.add_argument("--min-run-time", type=float, default=None,
-                        help="CPU: seconds of blocked_autorange per case (default: 1.0; smoke 0.02)")
-        sp.add_argument("--warmup", type=int, default=25, help="GPU: do_bench warmup ms (default: 25)")
-        sp.add_argument("--rep", type=int, default=100, help="GPU: do_bench repetition ms (default: 100)")
+                        help="CPU: seconds of timed calls per provider per case and mode, spread over the "
+                             "rounds (default: 1.0; smoke 0.02); a slower call still runs once per round")
+        sp.add_argument("--rounds", type=int, default=None,
+                        help=f"interleaved rounds per case and mode (default: the preset's, else "
+                             f"{timing.DEFAULT_ROUNDS})")
+        sp.add_argument("--unstable-spread", type=float, default=timing.UNSTABLE_SPREAD,
+                        help="flag a row unstable when the relative IQR of its per-round ratios exceeds "
+                             f"this (default: {timing.UNSTABLE_SPREAD})")
+        sp.add_argument("--warmup", type=int, default=25, help="GPU: warm-up ms per provider (default: 25)")
+        sp.add_argument("--rep", type=int, default=100,
+                        help="GPU: ms of timed calls per provider, spread over the rounds (default: 100)")
         sp.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
         sp.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=None,
                         help="measure copy GB/s and GEMM TFLOP/s ceilings (default: on, off for smoke)")
@@ -65,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--print", dest="print_table", action=argparse.BooleanOptionalAction, default=True,
                         help="print the markdown at the end")
         b.add_args(sp)
+    compare.add_parser(sub)
+    rp = sub.add_parser("render", help="write the markdown (and PNG) of a result file again")
+    rp.add_argument("file", type=Path, help="a result JSON written by peftcore bench")
+    rp.add_argument("--out", type=Path, default=None, help="output directory (default: the JSON's)")
+    rp.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG")
+    rp.add_argument("--print", dest="print_table", action=argparse.BooleanOptionalAction, default=False,
+                    help="print the markdown")
     return p
 
 
@@ -94,7 +111,46 @@ def main(argv: list[str] | None = None) -> int:
     if not args.op:
         parser.print_help()
         return 2
+    if args.op == "compare":
+        return compare.run(args)
+    if args.op == "render":
+        return render_file(args)
     return run(args, argv)
+
+
+def _bench_of(op: str | None):
+    """The Bench whose ``op`` (``fused_distill``, ...) wrote a result file, or None."""
+    for name in _BENCHES:
+        b = _bench(name)
+        if b.op == op:
+            return b
+    return None
+
+
+def render_file(args) -> int:
+    """``peftcore bench render FILE.json``: the markdown (and PNG) of a result file, old formats too."""
+    from . import harness, render
+
+    try:
+        meta, rows = harness.read_json(args.file)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"cannot read {args.file}: {e}", file=sys.stderr)
+        return 2
+    bench = _bench_of(meta.get("op"))
+    providers = bench.providers if bench else ()
+    extra = bench.extra_cols if bench else ()
+    out = args.out or args.file.parent
+    stem = args.file.stem
+    md = render.markdown(meta, rows, providers, extra)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(md)
+    wrote = [out / f"{stem}.md"]
+    if args.plot and render.plot(meta, rows, out / f"{stem}.png", providers, mode=meta.get("plot_mode", "full")):
+        wrote.append(out / f"{stem}.png")
+    if args.print_table:
+        print(md)
+    print("wrote " + ", ".join(str(p) for p in wrote))
+    return 0
 
 
 def run(args, argv: list[str]) -> int:
@@ -129,6 +185,7 @@ def run(args, argv: list[str]) -> int:
 def _run(args, argv, bench, device) -> int:
     import torch
 
+    from . import ceilings as ceil
     from . import harness, render
 
     modes = args.modes or list(harness.MODES)
@@ -137,14 +194,20 @@ def _run(args, argv, bench, device) -> int:
         print(f"unknown mode(s) {bad}; choose from {', '.join(harness.MODES)}", file=sys.stderr)
         return 2
     smoke = args.preset == "smoke"
-    cfg = harness.TimerConfig(
+    rounds = args.rounds or bench.presets[args.preset].get("rounds", timing.DEFAULT_ROUNDS)
+    if rounds < 1:
+        print("--rounds must be at least 1", file=sys.stderr)
+        return 2
+    cfg = timing.TimerConfig(
         min_run_time=args.min_run_time if args.min_run_time is not None else (0.02 if smoke else 1.0),
-        warmup_ms=args.warmup, rep_ms=args.rep, threads=args.threads,
+        warmup_ms=args.warmup, rep_ms=args.rep, threads=args.threads or torch.get_num_threads(),
+        rounds=rounds, unstable_spread=args.unstable_spread,
     )
     cases = bench.cases(args)
     env = harness.environment(device)
     out = args.out or harness.default_out_dir()
-    stem = args.name or f"{bench.op}_{env['device_kind']}" + ("" if args.preset in ("cpu", "gpu") else f"_{args.preset}")
+    suffix = "" if args.preset in ("cpu", "gpu") else f"_{args.preset}"
+    stem = args.name or f"{bench.op}_{env['device_kind']}{suffix}"
     json_path, md_path, png_path = out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"
     old = None
     if args.merge and json_path.exists():
@@ -158,16 +221,18 @@ def _run(args, argv, bench, device) -> int:
 
     ceilings = {}
     if args.ceilings if args.ceilings is not None else not smoke:
-        ccfg = harness.TimerConfig(min_run_time=0.3, warmup_ms=25, rep_ms=100, threads=args.threads)
-        ceilings = harness.measure_ceilings(device, dtypes, ccfg)
+        # In the run's threads and dtypes, on the cases' own GEMM shapes too (see bench.ceilings).
+        ccfg = timing.TimerConfig(min_run_time=0.3, warmup_ms=25, rep_ms=100, threads=cfg.threads, rounds=5)
+        shapes: dict = {}
+        for c in cases:
+            shapes.setdefault(c.dtype, []).extend(bench.gemm_shapes(c))
+        need_gemm = any(bench.flops(c, m) for c in cases for m in modes)
+        ceilings = ceil.measure_ceilings(device, dtypes, ccfg, gemm_shapes=shapes, gemm=need_gemm)
 
-    rows, skipped = harness.run_cases(bench, cases, modes, device, cfg, env, ceilings, progress=args.progress)
-    harness.add_ratios(bench, rows)
+    rows, skipped = harness.run_cases(bench, cases, modes, device, cfg, env, progress=args.progress)
+    harness.add_ratios(bench, rows, cfg.unstable_spread)
 
-    timer = (f"triton.testing.do_bench(warmup={cfg.warmup_ms}, rep={cfg.rep_ms}, quantiles=[0.5, 0.2, 0.8])"
-             if device.type == "cuda" else
-             f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={cfg.min_run_time}), "
-             f"{cfg.threads or torch.get_num_threads()} threads; p20/p50/p80 over the block means")
+    timer = timing.timer_description(device, cfg)
     notes = []
     if device.type != "cuda" and bench.cpu_peak_memory:
         notes.append("peak_mem_bytes on CPU: peak of the running sum of the CPU allocations and frees "
@@ -183,7 +248,7 @@ def _run(args, argv, bench, device) -> int:
     notes += extra.pop("notes", [])
     meta = {
         "op": bench.op,
-        "format": 1,
+        "format": 2,
         "plot_mode": bench.plot_mode,
         "preset": args.preset,
         "command": "peftcore bench " + shlex.join(argv),
@@ -192,6 +257,17 @@ def _run(args, argv, bench, device) -> int:
         "timestamp": started,
         "finished": harness.now(),
         "timer": timer,
+        "timing": {
+            "method": "interleaved",
+            "rounds": cfg.rounds,
+            "start": "rotating",
+            "ratios": "median of per-round ratios",
+            "spread": "(p75 - p25) / median of the per-round ratios",
+            "unstable_spread": cfg.unstable_spread,
+            "min_run_time_s": cfg.min_run_time if device.type != "cuda" else None,
+            "warmup_ms": cfg.warmup_ms if device.type == "cuda" else None,
+            "rep_ms": cfg.rep_ms if device.type == "cuda" else None,
+        },
         "ceilings": ceilings,
         "default_backend": {dt: bench.default_provider(device, dt) for dt in dtypes},
         "floor": bench.floor,
@@ -203,7 +279,10 @@ def _run(args, argv, bench, device) -> int:
     meta["runs"] = [{"command": meta["command"], "timestamp": started, "commit": env["commit"]}]
     if old is not None:
         harness.merge_into(meta, rows, *old)
-        harness.add_ratios(bench, rows)
+        harness.add_ratios(bench, rows, cfg.unstable_spread)
+    ceil.apply_ceilings(rows, meta["ceilings"])
+    meta["unstable_rows"] = harness.unstable_rows(rows)
+    meta["unstable"] = bool(meta["unstable_rows"])
     meta["targets"] = bench.targets(rows, meta)
 
     harness.write_json(json_path, meta, rows)
@@ -217,8 +296,11 @@ def _run(args, argv, bench, device) -> int:
             print("no PNG: matplotlib not importable or no full-mode rows", file=sys.stderr)
     if args.print_table:
         print(md)
+    if meta["unstable"]:
+        print(f"{len(meta['unstable_rows'])} row(s) unstable: per-round ratio spread > "
+              f"{cfg.unstable_spread:.0%} (marked in the tables); rerun on a quieter machine", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in wrote))
     return 0
 
 
-__all__ = ["main", "list_benches", "run"]
+__all__ = ["main", "list_benches", "run", "render_file"]

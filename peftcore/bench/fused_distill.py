@@ -30,8 +30,9 @@ PROVIDERS = ("unfused_torch", "liger", "ours")
 
 PRESETS = {
     # A MiniLM-sized student (512) under a BERT-base-sized teacher (768) with a 32k vocabulary.
+    # 11 rounds, as distill's: calls of up to a second.
     "cpu": dict(tokens=[1024, 4096], hs=[512], ht=[768], vocab=[32000], temperature=[2.0],
-                head_grad=[False], dtype=["float32"], device="cpu"),
+                head_grad=[False], dtype=["float32"], device="cpu", rounds=11),
     # A 1B-class student (2048) under an 8B-class teacher (4096), Llama-3's 128k vocabulary.
     "gpu": dict(tokens=[1024, 2048, 4096, 8192, 16384], hs=[2048], ht=[4096], vocab=[128256],
                 temperature=[2.0], head_grad=[False], dtype=["bfloat16"], device="cuda"),
@@ -200,7 +201,14 @@ class FusedDistillBench(Bench):
         bwd = 2.0 * n * v * s["hs"] * (2 if s["head_grad"] else 1)
         return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
+    def gemm_shapes(self, case: Case) -> list[tuple[int, int, int]]:
+        """Both heads (N, H, V), dX (N, V, Hs) and, with head_grad, dW (V, N, Hs)."""
+        s = case.shape
+        n, v, hs = s["tokens"], s["vocab"], s["hs"]
+        return [(n, hs, v), (n, s["ht"], v), (n, v, hs)] + ([(v, n, hs)] if s["head_grad"] else [])
+
     def finish_row(self, case: Case, mode: str, row: dict) -> None:
+        """Memory in units of one student-logits tensor."""
         s = case.shape
         logits_units(row, s["tokens"] * s["vocab"] * dtype_of(case.dtype).itemsize)
 

@@ -1,8 +1,11 @@
-"""The shared benchmark harness: environment, timing, memory, the case loop, ratios and JSON.
+"""The shared benchmark harness: environment, the case loop, ratios and JSON.
 
 An op plugs in through a :class:`Bench` (see :mod:`peftcore.bench.lora`): it lists the cases of a
 preset and, per case and provider, returns a :class:`Setup` (or raises :class:`Skip`).  The
-harness turns a Setup into one callable per mode, times it, measures memory, and fills the rows.
+harness groups the cases of one shape (:func:`plan_groups`), turns each Setup into one callable
+per mode, measures its memory (:mod:`peftcore.bench.memory`), times the group's callables in the
+same interleaved rounds (:mod:`peftcore.bench.timing`) and fills the rows; ceilings are in
+:mod:`peftcore.bench.ceilings`, ``peftcore bench compare`` in :mod:`peftcore.bench.compare`.
 
 Modes:
     ``fwd``   the training forward (autograd records the graph), output dropped.
@@ -15,7 +18,6 @@ Modes:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
 import importlib
@@ -23,23 +25,24 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
+from .memory import cpu_peak_memory, peak_memory, saved_bytes  # noqa: F401  (tests use them from here)
 from .targets import (  # noqa: F401  (the benches import these from the harness)
     default_vs_baseline,
     find_target,
     shape_matches,
     shape_targets,
+    speedup,
     target_row,
 )
+from .timing import UNSTABLE_SPREAD, ProviderFailed, TimerConfig, interleave, ratio_stats, summarize
 
 MODES = ("fwd", "bwd", "full")
-QUANTILES = (0.5, 0.2, 0.8)
 
 
 class Skip(Exception):
@@ -84,10 +87,11 @@ class Bench:
     extra_cols: tuple = ()  # (row key, header, format) columns the markdown tables add
     plot_mode: str = "full"  # the mode the plot and the targets use (a forward-only op: "fwd")
 
-    def add_args(self, parser) -> None:  # op-specific filters
-        pass
+    def add_args(self, parser) -> None:
+        """Add the op's filters (``--tokens`` ...) to its subparser."""
 
     def cases(self, args) -> list[Case]:
+        """The cases of ``args.preset`` after the filters, one per (dtype, shape, provider)."""
         raise NotImplementedError
 
     def chosen_providers(self, args) -> list[str]:
@@ -100,8 +104,8 @@ class Bench:
 
     def grid_cases(self, grid: Iterable[tuple[str, dict]], providers: list[str]) -> list[Case]:
         """A case per (dtype, shape) of ``grid`` and provider, in that order.  The floor runs on
-        ``floor_shape(shape)``, so it is measured once for all shapes that differ only in the keys
-        it does not depend on."""
+        ``floor_shape(shape)``, so it has one row for all shapes that differ only in the keys it
+        does not depend on (it is timed with each of them: see plan_groups)."""
         cases: list[Case] = []
         seen = set()
         for dt, shape in grid:
@@ -117,11 +121,16 @@ class Bench:
         raise NotImplementedError
 
     def flops(self, case: Case, mode: str) -> float | None:
+        """Matmul FLOPs of one call (for TFLOP/s against the GEMM ceiling); None: not reported."""
         return None
 
     def bytes_moved(self, case: Case, mode: str) -> float | None:
         """Bytes the op must move at least (for GB/s against the copy ceiling); None: not reported."""
         return None
+
+    def gemm_shapes(self, case: Case) -> list[tuple[int, int, int]]:
+        """The (m, k, n) GEMMs the case does; the GEMM ceiling is measured on them too."""
+        return []
 
     def finish_row(self, case: Case, mode: str, row: dict) -> None:
         """Add op-specific keys to a measured row (in place)."""
@@ -135,9 +144,11 @@ class Bench:
         return shape
 
     def default_provider(self, device: torch.device, dtype: str) -> str | None:
+        """The provider the library picks by default here (bold in the tables), or None."""
         return None
 
     def targets(self, rows: list[dict], meta: dict) -> list[dict]:
+        """meta["targets"]: per shape, the default provider against the floor / baseline."""
         return []
 
 
@@ -247,54 +258,7 @@ def environment(device: torch.device) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-@dataclass
-class TimerConfig:
-    min_run_time: float = 1.0  # CPU: seconds per blocked_autorange
-    warmup_ms: int = 25  # GPU: do_bench warmup
-    rep_ms: int = 100  # GPU: do_bench repetitions
-    threads: int | None = None  # CPU: torch threads while timing (None: torch's current)
-    min_samples: int = 5  # CPU: at least this many block means behind the percentiles
-
-
-def _percentile(sorted_vals: list[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default), on a sorted list."""
-    if len(sorted_vals) == 1:
-        return sorted_vals[0]
-    pos = q * (len(sorted_vals) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, cfg: TimerConfig) -> dict:
-    """{p50_ms, p20_ms, p80_ms, timer, samples} for one callable."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except Exception:
-            do_bench = None
-        if do_bench is not None:
-            p50, p20, p80 = do_bench(fn, warmup=cfg.warmup_ms, rep=cfg.rep_ms, quantiles=list(QUANTILES))
-            return {"p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "timer": "triton.testing.do_bench", "samples": None}
-    from torch.utils import benchmark
-
-    threads = cfg.threads or torch.get_num_threads()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    m = timer.blocked_autorange(min_run_time=cfg.min_run_time)
-    raw = list(m.times)  # each is the mean over m.number_per_run calls
-    while len(raw) < cfg.min_samples:  # a call slower than min_run_time leaves too few for quantiles
-        raw += timer.timeit(m.number_per_run).times
-    times = sorted(t * 1e3 for t in raw)
-    return {
-        "p50_ms": _percentile(times, 0.5),
-        "p20_ms": _percentile(times, 0.2),
-        "p80_ms": _percentile(times, 0.8),
-        "timer": f"torch.utils.benchmark.blocked_autorange(min_run_time={cfg.min_run_time})",
-        "samples": len(times),
-    }
+# ----------------------------------------------------------------------------- callables
 
 
 def make_fn(setup: Setup, mode: str) -> Callable[[], object]:
@@ -315,83 +279,6 @@ def make_fn(setup: Setup, mode: str) -> Callable[[], object]:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device, cpu: bool = False) -> int | None:
-    """Peak bytes allocated by one call above what was allocated before it.
-
-    CUDA: the caching allocator's statistics.  CPU: None unless ``cpu``; then one call runs under
-    ``torch.profiler`` with ``profile_memory=True`` and the peak of the running sum of its CPU
-    allocation events is returned (allocations torch makes, C++ extensions' torch tensors
-    included; memory a library mallocs itself is not seen).
-    """
-    if device.type != "cuda":
-        return cpu_peak_memory(fn) if cpu else None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device) - base)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 (kineto logs profiler start/stop there from C++; KINETO_LOG_LEVEL
-    is read only when torch loads).  Errors inside still propagate as Python exceptions."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def cpu_peak_memory(fn: Callable[[], object]) -> int:
-    """Peak of the running sum of CPU allocations and frees during one call (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cpu = torch._C._autograd.DeviceType.CPU
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == cpu]
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return int(peak)
-
-
-def saved_bytes(forward: Callable[[], torch.Tensor], params: Iterable[torch.Tensor]) -> int:
-    """Bytes autograd keeps alive for the backward after one forward (the activation memory).
-
-    Every tensor packed by ``saved_tensors_hooks`` (``save_for_backward`` of custom Functions
-    included) is counted once per storage; storages of ``params`` (weights saved by reference)
-    are excluded.  Counting whole storages means a saved view costs what it keeps alive.
-    """
-    exclude = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta":
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-            if ptr and ptr not in exclude and ptr not in seen:
-                seen[ptr] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = forward()
-    del y
-    return int(sum(seen.values()))
-
-
 def free(device: torch.device) -> None:
     """Return a finished case's memory to the device.  Refcounting frees the tensors; a young-
     generation collection catches stray cycles without the ~0.3 s of a full one (transformers
@@ -401,122 +288,189 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------- ceilings
-
-
-def measure_ceilings(device: torch.device, dtypes: Iterable[str], cfg: TimerConfig) -> dict:
-    """Measured copy bandwidth (GB/s) and dense GEMM throughput (TFLOP/s) per dtype."""
-    out: dict = {}
-    n_copy = (256 if device.type == "cuda" else 32) * 2**20  # bytes
-    a = torch.empty(n_copy, dtype=torch.uint8, device=device)
-    a.fill_(1)
-    b = torch.empty_like(a)
-    t = time_fn(lambda: b.copy_(a), device, cfg)["p50_ms"]
-    out["copy_gbps"] = round(2 * n_copy / (t * 1e-3) / 1e9, 1)
-    out["copy_bytes"] = n_copy
-    del a, b
-    n = 8192 if device.type == "cuda" else 1024
-    out["gemm_n"] = n
-    for name in dtypes:
-        dt = dtype_of(name)
-        x = torch.randn(n, n, device=device).to(dt)
-        w = torch.randn(n, n, device=device).to(dt)
-        t = time_fn(lambda: x @ w, device, cfg)["p50_ms"]
-        out[f"gemm_tflops_{dtype_name(name)}"] = round(2 * n**3 / (t * 1e-3) / 1e12, 3)
-        del x, w
-    free(device)
-    return out
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
+def plan_groups(bench: Bench, cases: list[Case]) -> list[list[int]]:
+    """Indices of the cases timed together, in the cases' order: per (dtype, shape), every
+    provider measured on it plus the floor case of its ``floor_shape``.  A floor shared by several
+    shapes is timed again in each of their groups (its row pools those rounds), so every ratio to
+    it comes from the same rounds; a floor no other case refers to is a group of its own."""
+    groups: dict[tuple, list[int]] = {}
+    floors: dict[tuple, int] = {}
+    for i, c in enumerate(cases):
+        key = (c.dtype, _shape_key(c.shape))
+        if bench.floor and c.provider == bench.floor:
+            floors.setdefault(key, i)
+        else:
+            groups.setdefault(key, []).append(i)
+    out, used = [], set()
+    for (dt, _), members in groups.items():
+        f = floors.get((dt, _shape_key(bench.floor_shape(cases[members[0]].shape))))
+        out.append(([f] if f is not None else []) + members)
+        used.add(f)
+    out += [[i] for i in floors.values() if i not in used]
+    return out
+
+
 def run_cases(bench: Bench, cases: list[Case], modes: list[str], device: torch.device,
-              cfg: TimerConfig, env: dict, ceilings: dict, progress: bool = True):
-    """Time every (case, mode); returns (rows, skipped).  Providers that fail are skipped, not fatal."""
+              cfg: TimerConfig, env: dict, progress: bool = True):
+    """Time every (case, mode), the providers of a shape interleaved (see :func:`plan_groups` and
+    :mod:`peftcore.bench.timing`); returns (rows, skipped).  Providers that fail are skipped, not
+    fatal.  Ratios measured in shared rounds are in the rows; :func:`add_ratios` fills the rest."""
     from tqdm.auto import tqdm
 
-    rows: list[dict] = []
     skipped: dict[tuple[str, str], dict] = {}
+    counted: set = set()
 
-    def skip(case: Case, reason: str) -> None:
+    def skip(i: int, reason: str) -> None:
+        case = cases[i]
         key = (case.provider, reason)
         if key not in skipped:
             skipped[key] = {"provider": case.provider, "reason": reason, "cases": 0, "dtype": case.dtype}
             bar.write(f"skip {case.provider}: {reason}")
-        skipped[key]["cases"] += 1
+        if (i, key) not in counted:  # a floor in several groups is one case
+            counted.add((i, key))
+            skipped[key]["cases"] += 1
 
-    bar = tqdm(total=len(cases) * len(modes), desc=f"bench {bench.op}", unit="case",
+    groups = plan_groups(bench, cases)
+    bar = tqdm(total=sum(len(g) for g in groups) * len(modes), desc=f"bench {bench.op}", unit="case",
                disable=not progress, dynamic_ncols=True)
-    for case in cases:
-        bar.set_postfix_str(f"{case.provider} {_shape_str(case.shape)} {case.dtype}", refresh=False)
-        try:
-            setup = bench.setup(case, device)
-            saved = saved_bytes(setup.forward, setup.params)
-        except Skip as e:
-            skip(case, str(e))
-            bar.update(len(modes))
-            continue
-        except Exception as e:  # a broken provider must not take the run down
-            skip(case, f"error in setup: {type(e).__name__}: {e}")
-            bar.update(len(modes))
-            free(device)
-            continue
-        for mode in modes:
+    timed: dict[tuple[int, str], dict] = {}
+    saved: dict[int, int] = {}
+    info: dict[int, dict] = {}
+    for group in groups:
+        bar.set_postfix_str(f"{_shape_str(cases[group[-1]].shape)} {cases[group[-1]].dtype}", refresh=False)
+        setups: dict[int, Setup] = {}
+        for i in group:  # every provider's callable exists before any is timed
             try:
-                fn = make_fn(setup, mode)
-                fn()  # compile / autotune / warm the allocator outside both measurements
-                peak = peak_memory(fn, device, cpu=bench.cpu_peak_memory)
-                t = time_fn(fn, device, cfg)
-            except Exception as e:
-                skip(case, f"error in {mode}: {type(e).__name__}: {str(e)[:300]}")
-                bar.update(1)
-                fn = None
+                setup = bench.setup(cases[i], device)
+                if i not in saved:
+                    saved[i], info[i] = saved_bytes(setup.forward, setup.params), dict(setup.info)
+                setups[i] = setup
+            except Skip as e:
+                skip(i, str(e))
+            except Exception as e:  # a broken provider must not take the run down
+                skip(i, f"error in setup: {type(e).__name__}: {e}")
+            if i not in setups:
+                bar.update(len(modes))
                 free(device)
-                continue
-            del fn
-            flops = bench.flops(case, mode)
-            tflops = flops / (t["p50_ms"] * 1e-3) / 1e12 if flops else None
-            ceiling = ceilings.get(f"gemm_tflops_{case.dtype}") if ceilings else None
-            nbytes = bench.bytes_moved(case, mode)
-            gbps = nbytes / (t["p50_ms"] * 1e-3) / 1e9 if nbytes else None
-            copy = ceilings.get("copy_gbps") if ceilings else None
-            rows.append({
-                "op": bench.op,
-                "provider": case.provider,
-                "mode": mode,
-                "dtype": case.dtype,
-                "shape": dict(case.shape),
-                "p50_ms": t["p50_ms"],
-                "p20_ms": t["p20_ms"],
-                "p80_ms": t["p80_ms"],
-                "samples": t["samples"],
-                "timer": t["timer"],
-                "peak_mem_bytes": peak,
-                "saved_bytes": saved,
-                "ratio_to_floor": None,
-                "ratio_to_baseline": None,
-                "flops": flops,
-                "tflops": tflops,
-                "pct_of_gemm_ceiling": (100.0 * tflops / ceiling) if (tflops and ceiling) else None,
-                "bytes": nbytes,
-                "gbps": gbps,
-                "pct_of_copy_ceiling": (100.0 * gbps / copy) if (gbps and copy) else None,
-                "is_default": case.provider == bench.default_provider(device, case.dtype),
-                "device": env["device"],
-                "device_kind": env["device_kind"],
-                "torch": env["torch"],
-                "triton": env["triton"],
-                "commit": env["commit"],
-                "timestamp": now(),
-                **setup.info,
-            })
-            bench.finish_row(case, mode, rows[-1])
-            bar.update(1)
-        del setup
+        for mode in modes:
+            _time_mode(bench, cases, setups, mode, device, cfg, timed, skip)
+            bar.update(len(setups))
+        del setups
         free(device)
     bar.close()
+    rows = [_row(bench, cases[i], mode, timed[(i, mode)], saved[i], info[i], env, device)
+            for i in range(len(cases)) for mode in modes if (i, mode) in timed]
     return rows, list(skipped.values())
+
+
+def _time_mode(bench: Bench, cases, setups: dict, mode: str, device, cfg: TimerConfig, timed: dict, skip) -> None:
+    """One mode of one group: build and warm each callable, measure its memory once, time them all
+    in the same rounds, and keep the times and the per-round ratios in ``timed``."""
+    fns: dict[int, Callable[[], object]] = {}
+    for i, setup in setups.items():
+        try:
+            fn = make_fn(setup, mode)
+            fn()  # compile / autotune / warm the allocator outside both measurements
+            if (i, mode) not in timed:
+                timed[(i, mode)] = {"times": [], "calls": None, "peak": None, "ratios": {}}
+                timed[(i, mode)]["peak"] = peak_memory(fn, device, cpu=bench.cpu_peak_memory)
+            fns[i] = fn
+        except Exception as e:
+            _drop_if_unmeasured(timed, i, mode)
+            skip(i, f"error in {mode}: {type(e).__name__}: {str(e)[:300]}")
+            free(device)
+    res: dict = {}
+    while fns:
+        try:
+            res = interleave(fns, device, cfg)
+            break
+        except ProviderFailed as e:  # drop it and time the others again, from a fresh warm-up
+            skip(e.name, f"error in {mode}: {type(e.error).__name__}: {str(e.error)[:300]}")
+            del fns[e.name]
+            _drop_if_unmeasured(timed, e.name, mode)
+            free(device)
+    del fns
+    by_prov = {cases[i].provider: i for i in res}
+    floor, base = by_prov.get(bench.floor), by_prov.get(bench.baseline)
+    stamp = now()
+    for i, r in res.items():
+        t = timed[(i, mode)]
+        t["times"] += r["times_ms"]
+        t["calls"] = t["calls"] or r["calls"]
+        t["timestamp"] = stamp
+        prov = cases[i].provider
+        if floor is not None and prov != bench.floor:
+            t["ratios"]["ratio_to_floor"] = ratio_stats(r["times_ms"], res[floor]["times_ms"])
+        if base is not None and prov != bench.floor and prov != bench.baseline:
+            t["ratios"]["ratio_to_baseline"] = ratio_stats(r["times_ms"], res[base]["times_ms"])
+
+
+def _drop_if_unmeasured(timed: dict, i: int, mode: str) -> None:
+    """Forget a (case, mode) that failed before any rounds were kept (a floor timed in an earlier
+    group keeps those rounds)."""
+    if not timed.get((i, mode), {}).get("times"):
+        timed.pop((i, mode), None)
+
+
+def _ratio_keys(name: str, st: dict | None) -> dict:
+    if st is None:
+        return {name: None, f"{name}_p20": None, f"{name}_p80": None, f"{name}_spread": None}
+    return {name: st["median"], f"{name}_p20": st["p20"], f"{name}_p80": st["p80"], f"{name}_spread": st["spread"]}
+
+
+IDENTITY = {"median": 1.0, "p20": 1.0, "p80": 1.0, "spread": 0.0}  # a provider against itself
+
+
+def _row(bench: Bench, case: Case, mode: str, t: dict, saved: int, info: dict, env: dict, device) -> dict:
+    """One JSON row from a (case, mode)'s pooled rounds (ratios as measured; see add_ratios)."""
+    s = summarize(t["times"])
+    flops = bench.flops(case, mode)
+    tflops = flops / (s["p50_ms"] * 1e-3) / 1e12 if flops else None
+    nbytes = bench.bytes_moved(case, mode)
+    gbps = nbytes / (s["p50_ms"] * 1e-3) / 1e9 if nbytes else None
+    ratios = dict(t["ratios"])
+    if case.provider == bench.floor:
+        ratios["ratio_to_floor"] = IDENTITY
+    if case.provider == bench.baseline:
+        ratios["ratio_to_baseline"] = IDENTITY
+    row = {
+        "op": bench.op,
+        "provider": case.provider,
+        "mode": mode,
+        "dtype": case.dtype,
+        "shape": dict(case.shape),
+        **s,
+        "samples": len(t["times"]),
+        "rounds": len(t["times"]),
+        "calls_per_round": t["calls"],
+        "timer": "interleaved " + ("cuda events" if device.type == "cuda" else "perf_counter"),
+        "peak_mem_bytes": t["peak"],
+        "saved_bytes": saved,
+        **_ratio_keys("ratio_to_floor", ratios.get("ratio_to_floor")),
+        **_ratio_keys("ratio_to_baseline", ratios.get("ratio_to_baseline")),
+        "ratio_method": "interleaved" if ratios else None,
+        "ratio_spread": None,
+        "unstable": False,
+        "flops": flops,
+        "tflops": tflops,
+        "pct_of_gemm_ceiling": None,  # apply_ceilings
+        "bytes": nbytes,
+        "gbps": gbps,
+        "pct_of_copy_ceiling": None,
+        "is_default": case.provider == bench.default_provider(device, case.dtype),
+        "device": env["device"],
+        "device_kind": env["device_kind"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "commit": env["commit"],
+        "timestamp": t.get("timestamp") or now(),
+        **info,
+    }
+    bench.finish_row(case, mode, row)
+    return row
 
 
 def _shape_key(shape: dict) -> tuple:
@@ -527,17 +481,42 @@ def _shape_str(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items() if v is not None)
 
 
-def add_ratios(bench: Bench, rows: list[dict]) -> None:
-    """Fill ratio_to_floor (p50 / floor's p50) and ratio_to_baseline (p50 / baseline's p50)."""
+def add_ratios(bench: Bench, rows: list[dict], unstable_spread: float = UNSTABLE_SPREAD) -> None:
+    """Complete the ratios of every row (in place).
+
+    A ratio measured in shared rounds (its ``<ratio>_spread`` is set: the median of per-round
+    ratios) is kept.  Any other (the partner measured by another command and folded in with
+    --merge, or a result file of format 1) is p50 / the partner's p50 for the same shape, dtype
+    and mode, with no spread.  Then ``ratio_method`` (``interleaved``, ``p50``, ``mixed`` or None),
+    ``ratio_spread`` (the largest spread) and ``unstable`` (a spread above ``unstable_spread``).
+    """
     index = {(r["provider"], r["mode"], r["dtype"], _shape_key(r["shape"])): r for r in rows}
     for r in rows:
-        r["ratio_to_floor"] = r["ratio_to_baseline"] = None
-        floor = index.get((bench.floor, r["mode"], r["dtype"], _shape_key(bench.floor_shape(r["shape"]))))
-        if floor is not None:
-            r["ratio_to_floor"] = r["p50_ms"] / floor["p50_ms"]
-        base = index.get((bench.baseline, r["mode"], r["dtype"], _shape_key(r["shape"])))
-        if base is not None and r["provider"] != bench.floor:
-            r["ratio_to_baseline"] = r["p50_ms"] / base["p50_ms"]
+        floor_key = _shape_key(bench.floor_shape(r["shape"]))
+        partners = {
+            "ratio_to_floor": index.get((bench.floor, r["mode"], r["dtype"], floor_key)),
+            "ratio_to_baseline": (index.get((bench.baseline, r["mode"], r["dtype"], _shape_key(r["shape"])))
+                                  if r["provider"] != bench.floor else None),
+        }
+        methods = set()
+        for key, partner in partners.items():
+            if r.get(f"{key}_spread") is not None:
+                methods.add("interleaved")
+                continue
+            r.update({key: None, f"{key}_p20": None, f"{key}_p80": None, f"{key}_spread": None})
+            if partner is not None:
+                r[key] = r["p50_ms"] / partner["p50_ms"]
+                methods.add("p50")
+        r["ratio_method"] = "mixed" if len(methods) > 1 else next(iter(methods), None)
+        spreads = [r[f"{k}_spread"] for k in partners if r.get(f"{k}_spread") is not None]
+        r["ratio_spread"] = max(spreads) if spreads else None
+        r["unstable"] = bool(spreads) and max(spreads) > unstable_spread
+
+
+def unstable_rows(rows: list[dict]) -> list[dict]:
+    """meta["unstable_rows"]: which rows' per-round ratios spread too widely to trust."""
+    return [{"provider": r["provider"], "mode": r["mode"], "dtype": r["dtype"], "shape": r["shape"],
+             "ratio_spread": r.get("ratio_spread")} for r in rows if r.get("unstable")]
 
 
 def row_key(r: dict) -> tuple:

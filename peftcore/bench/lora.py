@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .harness import (Bench, Case, Setup, Skip, csv, default_vs_baseline, dtype_name, dtype_of, find_target,
-                      parse_bool, registry_default, require_backend, target_row)
+                      parse_bool, registry_default, require_backend, speedup, target_row)
 
 OURS = ("reference", "triton", "cpp", "cuda")
 PROVIDERS = ("floor", "hf_peft") + OURS
@@ -186,22 +186,28 @@ class LoRABench(Bench):
         lora = 0.0 if case.provider == self.floor else 2.0 * m * s["r"] * (k + n)
         return {"fwd": base + lora, "bwd": base + 2 * lora, "full": 2 * base + 3 * lora}[mode]
 
+    def gemm_shapes(self, case: Case) -> list[tuple[int, int, int]]:
+        """The base GEMMs: y = x Wᵀ (M, K, N) and dx = dy W (M, N, K)."""
+        s = case.shape
+        return [(s["tokens"], s["in"], s["out"]), (s["tokens"], s["out"], s["in"])]
+
     def targets(self, rows: list[dict], meta: dict) -> list[dict]:
         """Per shape (full mode): default backend vs floor and vs hf_peft, with the target if one applies."""
         out = []
         for dt, shape, prov, ours, base in default_vs_baseline(rows, meta, "full", self.floor, self.baseline):
             ratio = ours["ratio_to_floor"] if ours else None
-            speedup = base["p50_ms"] / ours["p50_ms"] if (ours and base) else None
+            fast = speedup(ours, base)
             target = find_target(TARGETS, meta.get("device_type"), dt, shape)
             status = None
             if target and ratio is not None:
                 ok = ratio <= target["max_ratio_to_floor"]
                 if target["min_speedup_vs_baseline"] is not None:
-                    ok = ok and speedup is not None and speedup >= target["min_speedup_vs_baseline"]
+                    ok = ok and fast is not None and fast >= target["min_speedup_vs_baseline"]
                 status = "PASS" if ok else "FAIL"
             elif target:
                 status = "n/a (default backend not measured)"
-            out.append(target_row(dt, shape, prov, ratio, speedup, target, status))
+            out.append(target_row(dt, shape, prov, ratio, fast, target, status,
+                                  unstable=(ours or {}).get("unstable")))
         return out
 
 

@@ -275,6 +275,11 @@ class LoRAMixedBench(Bench):
         lora = 0.0 if case.provider == self.floor else 2.0 * m * s["r"] * (s["in"] + s["out"])
         return 2.0 * m * s["in"] * s["out"] + lora
 
+    def gemm_shapes(self, case: Case) -> list[tuple[int, int, int]]:
+        """The base linear (B·S, in, out)."""
+        s = case.shape
+        return [(s["batch"] * s["seq"], s["in"], s["out"])]
+
     def bytes_moved(self, case: Case, mode: str) -> float:
         """Least traffic: read x, W, b and the adapters present once, write y."""
         s = case.shape

@@ -304,6 +304,11 @@ class PHMBench(Bench):
                 bwd += 2.0 * m * n * k * (2 * kk + 2 * nn + 3 * n * n)
         return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
+    def gemm_shapes(self, case: Case) -> list[tuple[int, int, int]]:
+        """The dense floor's GEMMs per layer: y (M, K, N), dx (M, N, K), dW (N, M, K)."""
+        m = case.shape["tokens"]
+        return [g for k, n in self._widths(case.shape) for g in ((m, k, n), (m, n, k), (n, m, k))]
+
     def bytes_moved(self, case: Case, mode: str) -> float:
         """Least traffic, the same for every provider: fwd reads x and writes y; bwd reads dy and x
         and writes dx (the factors, and a block's M x mid activations, are left out)."""

@@ -44,6 +44,24 @@ def _any(rows: list[dict], key: str) -> bool:
     return any(r.get(key) is not None for r in rows)
 
 
+def _spread(r: dict) -> str:
+    """The row's ratio spread (relative IQR of its per-round ratios), ⚠ when flagged unstable."""
+    v = r.get("ratio_spread")
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f}%" + (" ⚠" if r.get("unstable") else "")
+
+
+def _ceilings(c: dict) -> str:
+    """The meta's ceilings as one line: values, the best GEMM shapes, raised ceilings."""
+    parts = [f"{k} {v}" for k, v in c.items() if k != "raised" and not k.startswith("gemm_candidates_")]
+    for e in c.get("raised") or []:
+        shape = " ".join(f"{k}={v}" for k, v in e["shape"].items() if v is not None)
+        parts.append(f"**{e['key']} raised** from the measured {e['measured']:.4g} to {e['raised_to']:.4g}, "
+                     f"what {e['provider']} {e['mode']} ({shape}) achieved")
+    return ", ".join(parts)
+
+
 def table(rows: list[dict], providers: tuple[str, ...] = (), mode: str | None = None,
           floor: str = "floor", baseline: str = "hf_peft", extra_cols: tuple = ()) -> str:
     """One markdown table of the rows of ``mode`` (all modes when None).
@@ -66,6 +84,8 @@ def table(rows: list[dict], providers: tuple[str, ...] = (), mode: str | None = 
         ("% copy peak", lambda r: _f(r.get("pct_of_copy_ceiling"), "{:.0f}%"), "gbps"),
     ]
     keep = [(h, cell) for h, cell, key in metrics if _any(rows, key)]
+    if _any(rows, "ratio_spread"):  # after the ratios it qualifies
+        keep.insert(sum(1 for h, _ in keep if h.startswith("×")), ("ratio IQR", _spread))
     head = ["dtype", *cols, "mode", "provider", "p50 ms", "p20–p80 ms", *[h for h, _ in keep],
             "peak mem", "saved", *[h for _, h, _ in extra_cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -113,7 +133,8 @@ def targets_table(targets: list[dict], floor: str = "floor", baseline: str = "hf
         cells.append(_f(t["speedup_vs_baseline"], "{:.2f}×"))
         if with_mem:
             cells.append(_f(t.get("peak_mem"), "{:.3g} " + unit).rstrip())
-        cells += [", ".join(want) or "–", t["status"] or "–"]
+        status = (t["status"] or "–") + (" ⚠ unstable" if t.get("unstable") else "")
+        cells += [", ".join(want) or "–", status]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -130,10 +151,16 @@ def markdown(meta: dict, rows: list[dict], providers: tuple[str, ...] = (), extr
     dirty = " (uncommitted changes)" if m.get("commit_dirty") else ""
     out.append(f"- peftcore commit `{m['commit']}`{dirty}; {m['timestamp']}")
     out.append(f"- timer: {m['timer']}")
+    timing = m.get("timing") or {}
+    if timing.get("method") == "interleaved":
+        bad = m.get("unstable_rows") or []
+        out.append(f"- ratios: medians of per-round ratios over {timing.get('rounds')} interleaved rounds; "
+                   f"{len(bad)} row(s) unstable (ratio IQR / median > {timing.get('unstable_spread', 0.1):.0%}, "
+                   "marked ⚠)" + (": **do not trust their ratios; rerun on a quieter machine**" if bad else ""))
     if m.get("default_backend"):
         out.append("- default backend: " + ", ".join(f"{k}: {v}" for k, v in m["default_backend"].items()))
     if m.get("ceilings"):
-        out.append("- measured ceilings: " + ", ".join(f"{k} {v}" for k, v in m["ceilings"].items()))
+        out.append("- measured ceilings: " + _ceilings(m["ceilings"]))
     for note in m.get("notes", []):
         out.append(f"- {note}")
     mode = m.get("plot_mode", "full")
@@ -149,9 +176,14 @@ def markdown(meta: dict, rows: list[dict], providers: tuple[str, ...] = (), extr
     ratios = " / ".join(f"× {n}" for n in (floor, baseline) if n and any(
         r.get("ratio_to_floor" if n == floor else "ratio_to_baseline") is not None for r in rows))
     ratios = ratios or "× floor / × hf_peft"
-    out.append(f"Bold: the backend the registry picks by default. {ratios}: p50 over that "
-               "provider's p50 on the same shape and mode (lower is better). saved: tensors kept "
-               "for backward by one forward, weights excluded.")
+    if _any(rows, "ratio_spread"):
+        how = ("the median over the interleaved rounds of the per-round ratio of the two providers' times "
+               "(p50 over p50 where the two were not timed together); ratio IQR: (p75 - p25) / median of "
+               "those per-round ratios, ⚠ above the unstable threshold")
+    else:
+        how = "p50 over that provider's p50"
+    out.append(f"Bold: the backend the registry picks by default. {ratios}: {how}, on the same shape and mode "
+               "(lower is better). saved: tensors kept for backward by one forward, weights excluded.")
     return "\n".join(out) + "\n"
 
 

@@ -39,10 +39,24 @@ def default_vs_baseline(rows: list[dict], meta: dict, mode: str, floor: str | No
         yield dt, dict(items), prov, ours, index.get((baseline, dt, items))
 
 
+def speedup(ours: dict | None, base: dict | None) -> float | None:
+    """How many times faster ``ours`` is than the baseline's row: 1 / ours' ``ratio_to_baseline``
+    (the median of the per-round ratios when both were timed in the same rounds), else the
+    baseline's p50 over ours (rows without the ratio: hand-made, or from other files)."""
+    if not (ours and base):
+        return None
+    ratio = ours.get("ratio_to_baseline")
+    if ratio:
+        return 1.0 / ratio
+    return base["p50_ms"] / ours["p50_ms"]
+
+
 def target_row(dtype: str, shape: dict, default: str | None, ratio: float | None, speedup: float | None,
-               target: dict | None, status: str | None, mode: str | None = None) -> dict:
+               target: dict | None, status: str | None, mode: str | None = None,
+               unstable: bool | None = None) -> dict:
     """One row of the targets table: the default backend's ratio to the floor and speedup over
-    the baseline at one (dtype, shape), the target that applies (or None) and its status."""
+    the baseline at one (dtype, shape), the target that applies (or None), its status, and
+    ``unstable`` when the default backend's row is flagged (its ratios spread too widely)."""
     row: dict = {"dtype": dtype, "shape": shape}
     if mode is not None:
         row["mode"] = mode
@@ -53,6 +67,7 @@ def target_row(dtype: str, shape: dict, default: str | None, ratio: float | None
         "max_ratio_to_floor": target["max_ratio_to_floor"] if target else None,
         "min_speedup_vs_baseline": target["min_speedup_vs_baseline"] if target else None,
         "status": status,
+        "unstable": bool(unstable),
     })
     return row
 
@@ -69,7 +84,7 @@ def shape_targets(rows: list[dict], meta: dict, floor: str | None, baseline: str
     out = []
     for dt, shape, prov, ours, base in default_vs_baseline(rows, meta, mode, floor, baseline):
         ratio = ours.get("ratio_to_floor") if ours else None
-        speedup = base["p50_ms"] / ours["p50_ms"] if (ours and base) else None
+        fast = speedup(ours, base)
         target = find_target(targets, meta.get("device_type"), dt, shape)
         status = None
         if target and prov == baseline:
@@ -82,8 +97,9 @@ def shape_targets(rows: list[dict], meta: dict, floor: str | None, baseline: str
                 ok = ratio is not None and ratio <= target["max_ratio_to_floor"]
             bound = target["min_speedup_vs_baseline"]
             if bound is not None:
-                beat = speedup is not None and (speedup > bound if target.get("strict") else speedup >= bound)
+                beat = fast is not None and (fast > bound if target.get("strict") else fast >= bound)
                 ok = ok and beat
             status = "PASS" if ok else "FAIL"
-        out.append(target_row(dt, shape, prov, ratio, speedup, target, status, mode=mode))
+        out.append(target_row(dt, shape, prov, ratio, fast, target, status, mode=mode,
+                              unstable=(ours or {}).get("unstable")))
     return out
