@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .model import adapter_configs, apply, delete_adapter, hosts
 from .tuners import method_for_config, method_for_type
 
@@ -54,12 +55,20 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if name in host.adapter_names():
             for key, p in host.adapter_tensors(name).items():
                 out[f"{PREFIX}{path}.{key}" if path else f"{PREFIX}{key}"] = p
+    config = adapter_configs(model).get(name)
+    if config is not None:  # base-model tensors the method saves with the adapter (LoRA's bias=)
+        for key, p in method_for_config(config).extra_tensors(model, config, name).items():
+            out.setdefault(f"{PREFIX}{key}", p)
     return out
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Tensors of adapter ``name`` keyed as on disk (contiguous CPU copies)."""
-    return {k: p.detach().to("cpu").contiguous().clone() for k, p in adapter_parameters(model, name).items()}
+    """Tensors of adapter ``name`` keyed as on disk (full, contiguous CPU copies).
+
+    A wrapped model (DDP, ``torch.compile``) gives the keys of the model inside.  If the adapter is
+    sharded (FSDP2 DTensors) each tensor is gathered: a collective, so every rank must call this.
+    """
+    return distributed.full_state_dict(adapter_parameters(distributed.unwrap(model), name))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
@@ -69,9 +78,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     PEFT's file) and ``adapter_model.safetensors``.  Returns the directory.  Creates it if needed;
     replaces an adapter already there atomically, file by file (weights first, then the config
     that names them).
+
+    Data-parallel models save what the single-process model would, byte for byte.  A DDP or
+    ``torch.compile`` wrapper is unwrapped (keys never gain ``module.``).  On a model sharded with
+    FSDP2 (``fully_shard``) saving is **collective**: every rank must call it, since each tensor is
+    gathered across ranks (a rank that does not call it leaves the others waiting in the gather);
+    global rank 0 alone writes, and every rank returns once the files exist (a write that fails on
+    rank 0 raises on every rank).  A model of plain tensors (DDP) communicates nothing: call it on
+    rank 0 only, or on every rank (each then writes the same bytes, atomically).
     """
     from safetensors.torch import save
 
+    model = distributed.unwrap(model)
     configs = adapter_configs(model)
     if not configs:
         raise ValueError("model has no peftcore adapter to save: call peftcore.apply first")
@@ -81,13 +99,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise KeyError(f"model has no adapter named {name!r} (has {sorted(configs)})")
     config = configs[name]
     cfg = method_for_config(config).to_json(config, model, name)
-    tensors = adapter_state_dict(model, name)
+    tensors = adapter_state_dict(model, name)  # collective if the adapter is sharded
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    payload = save(tensors, metadata={"format": "pt"})
-    _atomic_write(path / WEIGHTS_NAME, lambda f: f.write(payload))
-    text = json.dumps(cfg, indent=2, sort_keys=True).encode()
-    _atomic_write(path / CONFIG_NAME, lambda f: f.write(text))
+    with distributed.rank_zero_writes(adapter_parameters(model, name)) as here:
+        if here:
+            path.mkdir(parents=True, exist_ok=True)
+            payload = save(tensors, metadata={"format": "pt"})
+            _atomic_write(path / WEIGHTS_NAME, lambda f: f.write(payload))
+            text = json.dumps(cfg, indent=2, sort_keys=True).encode()
+            _atomic_write(path / CONFIG_NAME, lambda f: f.write(text))
     return path
 
 
@@ -153,6 +173,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     key and shape is checked before any weight is written; on an error the model is unchanged
     (an adapter injected for this load is removed again).
     """
+    model = distributed.unwrap(model)
     config, tensors = read_adapter(path)
     source = str(Path(path) / WEIGHTS_NAME)
     injected = name not in adapter_configs(model)
@@ -164,7 +185,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         if injected:
             delete_adapter(model, name)
         raise
-    with torch.no_grad():
-        for target, value in pairs:
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    distributed.copy_into(pairs)  # a sharded (FSDP2) target keeps its own slice
     return model

@@ -120,6 +120,10 @@ def train_adapter(model: nn.Module, names) -> None:
             if n in host.adapter_names():
                 for p in host.trainable_tensors(n).values():
                     p.requires_grad_(True)
+    configs = adapter_configs(model)
+    for n in names:  # base tensors a method trains with its adapter (LoRA's bias="all" / "lora_only")
+        for p in method_for_config(configs[n]).extra_tensors(model, configs[n], n).values():
+            p.requires_grad_(True)
 
 
 def set_active(model: nn.Module, names) -> None:

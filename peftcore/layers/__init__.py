@@ -4,12 +4,14 @@ from .base import AdapterHost, Stack
 from .bottleneck import BottleneckAdapter, BottleneckSlot, PHMLinear, PHMRuleBank
 from .lora import LoRALinear
 from .prompt import PrefixEncoder, PrefixProjection, PromptEmbeddings
+from .saved import ModulesToSave
 
 __all__ = [
     "AdapterHost",
     "BottleneckAdapter",
     "BottleneckSlot",
     "LoRALinear",
+    "ModulesToSave",
     "PHMLinear",
     "PHMRuleBank",
     "PrefixEncoder",

@@ -54,21 +54,30 @@ class LoRALinear(nn.Module, AdapterHost):
         self.mixed: tuple | None = None
 
     # --- adapters --------------------------------------------------------------------------
-    def add_adapter(self, name: str, config) -> None:
-        """Create adapter ``name`` from a :class:`peftcore.LoRAConfig` and initialize it."""
+    def add_adapter(self, name: str, config, r: int | None = None, alpha: float | None = None) -> None:
+        """Create adapter ``name`` from a :class:`peftcore.LoRAConfig` and initialize it.
+
+        ``r`` / ``alpha``: this layer's rank and alpha (the config's rank_pattern / alpha_pattern
+        resolved for it); default the config's.
+        """
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        r = config.r if r is None else r
+        alpha = config.alpha if alpha is None else alpha
         w = self.base_layer.weight
-        a = nn.Linear(self.in_features, config.r, bias=False, device=w.device, dtype=w.dtype)
-        b = nn.Linear(config.r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        b = nn.Linear(r, self.out_features, bias=config.lora_bias, device=w.device, dtype=w.dtype)
         self.lora_A[name], self.lora_B[name] = a, b
-        self.r[name] = config.r
-        self.scaling[name] = config.scaling
+        self.r[name] = r
+        self.scaling[name] = config.scaling_for(r, alpha)
         p = float(config.dropout)
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.lora_dropout[name].train(self.training)
         self.backend[name] = config.backend
         self._init(name, config.init)
+        if config.lora_bias:
+            with torch.no_grad():
+                b.bias.zero_()
 
     def _init(self, name: str, init: str) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -115,8 +124,17 @@ class LoRALinear(nn.Module, AdapterHost):
         return list(self.lora_A)
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
-        """PEFT's keys: ``lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]``."""
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        """PEFT's keys: ``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]`` (and
+        ``lora_B.bias`` ``[out]`` with lora_bias)."""
+        out = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if self.lora_B[name].bias is not None:
+            out["lora_B.bias"] = self.lora_B[name].bias
+        return out
+
+    def lora_bias(self, name: str) -> torch.Tensor | None:
+        """``scaling · lora_B.bias`` ``[out]`` (None without lora_bias): added to the output."""
+        b = self.lora_B[name].bias
+        return None if b is None else b * self.scaling[name]
 
     def detach_from(self, model: nn.Module, path: str) -> None:
         """The last adapter is gone: put the original module back in place of this wrapper."""
@@ -149,21 +167,37 @@ class LoRALinear(nn.Module, AdapterHost):
         a = w.new_zeros(len(names), r, self.in_features)
         b = w.new_zeros(len(names), self.out_features, r)
         for j, n in enumerate(names):
+            if self.lora_B[n].bias is not None:
+                raise ValueError(f"adapter_batch does not take adapters with lora_bias ({n!r} has one)")
             a[j, : self.r[n]] = self.lora_A[n].weight.detach()
             b[j, :, : self.r[n]] = self.lora_B[n].weight.detach()
         return a, b, torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=w.device)
 
+    @torch.no_grad()
+    def _add_bias(self, name: str, sign: float) -> None:
+        lb = self.lora_B[name].bias
+        if lb is None:
+            return
+        bias = self.base_layer.bias
+        bias.copy_((bias.float() + sign * self.scaling[name] * lb.float()).to(bias.dtype))
+
     def merge(self, names: list[str] | None = None) -> None:
         """Fold the adapters into the base weight (default: the active ones not yet merged)."""
-        for name in names if names is not None else self.active:
-            if name not in self.merged:
-                self._add_to_base(self.delta_weight(name))
-                self.merged.append(name)
+        names = [n for n in (names if names is not None else self.active) if n not in self.merged]
+        for name in names:
+            if self.lora_B[name].bias is not None and self.base_layer.bias is None:
+                raise ValueError(f"adapter {name!r} has a lora_bias but the base layer has no bias to merge it into")
+        for name in names:
+            self._add_to_base(self.delta_weight(name))
+            self._add_bias(name, 1.0)
+            self.merged.append(name)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight again."""
         while self.merged:
-            self._add_to_base(-self.delta_weight(self.merged.pop()))
+            name = self.merged.pop()
+            self._add_to_base(-self.delta_weight(name))
+            self._add_bias(name, -1.0)
 
     def dropout_p(self, name: str) -> float:
         """The dropout probability adapter ``name`` applies now: its ``nn.Dropout``'s ``p`` in
@@ -192,14 +226,19 @@ class LoRALinear(nn.Module, AdapterHost):
             x = x.to(w.dtype)
         first, rest = names[0], names[1:]
         a, b = self.lora_A[first].weight, self.lora_B[first].weight
+        extra = self.lora_bias(first)  # lora_bias folds into the op's bias: one add, its gradient flows
+        if extra is not None:
+            bias = extra if bias is None else bias + extra
+            bias = bias.to(w.dtype) if cast else bias
         y = lora_linear(
             x, w, bias, a.to(w.dtype) if cast else a, b.to(w.dtype) if cast else b,
             self.scaling[first], dropout_p=self.dropout_p(first), backend=self.backend[first],
         )
         for name in rest:  # several active adapters: the rest add their low-rank terms (PEFT's way)
             xd = self.lora_dropout[name](x)
+            lb = self.lora_B[name].bias
             lo = F.linear(F.linear(xd.to(y.dtype), self.lora_A[name].weight.to(y.dtype)),
-                          self.lora_B[name].weight.to(y.dtype))
+                          self.lora_B[name].weight.to(y.dtype), None if lb is None else lb.to(y.dtype))
             y = y + self.scaling[name] * lo
         return y
 

@@ -29,6 +29,9 @@ class Method:
         for_load: ``for_load(config) -> config``, what :func:`peftcore.load_adapter` injects when
             saved weights are about to replace the initialization (skip an init that rewrites the
             base model or needs files, e.g. PiSSA or a text-initialized prompt); default: as is.
+        extra_tensors: ``extra_tensors(model, config, name) -> {key: Parameter}``: tensors of the
+            base model that train and are saved with adapter ``name`` (LoRA's ``bias="all"`` /
+            ``"lora_only"``), keyed by their path in the model; default none.
     """
 
     peft_type: str
@@ -37,6 +40,7 @@ class Method:
     to_json: Callable[[Any, nn.Module, str], dict]
     from_json: Callable[[dict, str], Any]
     for_load: Callable[[Any], Any] = lambda config: config
+    extra_tensors: Callable[[nn.Module, Any, str], dict] = lambda model, config, name: {}
 
 
 _BY_TYPE: dict[str, Method] = {}

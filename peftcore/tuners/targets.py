@@ -69,3 +69,33 @@ def resolve_targets(model: nn.Module, target_modules, exclude_modules=None) -> l
     if exclude_modules:
         names = [n for n in names if not matches(n, exclude_modules)]
     return names
+
+
+def layer_index(name: str, layers_pattern=None) -> int | None:
+    """The block index in a module's qualified name, PEFT's rule: the number after one of
+    ``layers_pattern`` (e.g. ``"layers"``, ``"h"``), else the first numbered segment."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def in_layers(name: str, layers_to_transform, layers_pattern=None) -> bool:
+    """Whether ``name`` lies in one of the blocks ``layers_to_transform`` selects (None: all)."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    idx = layer_index(name, layers_pattern)
+    if idx is None:
+        return False
+    return idx == layers_to_transform if isinstance(layers_to_transform, int) else idx in layers_to_transform
+
+
+def inside_any(name: str, modules) -> bool:
+    """``name`` is one of ``modules`` (names or dotted suffixes) or inside one (PEFT's rule that keeps
+    adapters out of modules_to_save modules)."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules or ())

@@ -10,6 +10,14 @@ from typing import Optional, Union
 from ...backends import BACKENDS
 
 INITS = ("default", "gaussian", "pissa")
+BIAS = ("none", "all", "lora_only")
+# PEFT's task types whose new head trains and is saved with the adapter (PEFT adds these to
+# modules_to_save in PeftModelForSequenceClassification / ...TokenClassification / ...QuestionAnswering).
+TASK_HEADS = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
 
 
 @dataclass
@@ -29,6 +37,24 @@ class LoRAConfig:
         use_rslora: rank-stabilized scaling alpha / sqrt(r).
         fan_in_fan_out: the base weight is stored ``[in, out]`` (GPT-2's Conv1D); None detects it.
         backend: force an ops backend for these layers (None lets the registry choose).
+        rank_pattern, alpha_pattern: ``{pattern: r}`` / ``{pattern: alpha}`` per module, PEFT's rule: a
+            key (a regex) matches a module whose qualified name is it or ends with ``.`` + it; the
+            first matching key wins; unmatched modules take ``r`` / ``alpha``.
+        layers_to_transform, layers_pattern: only the blocks with these indices (an int or a list)
+            get the adapter; the index is the number after ``layers_pattern`` (e.g. ``"layers"``,
+            ``"h"``) in the module's name, else the first numbered segment.  PEFT applies them only
+            to a list of target_modules, and so does this.
+        modules_to_save: modules (names or dotted suffixes) that train in full and are saved with
+            the adapter: one trainable copy per adapter (PEFT's ModulesToSaveWrapper), e.g. a new
+            classification head.
+        task_type: PEFT's task type; ``"SEQ_CLS"``/``"TOKEN_CLS"`` add ``classifier``/``score`` and
+            ``"QUESTION_ANS"`` adds ``qa_outputs`` to modules_to_save, as PEFT does.  Left None on
+            a transformers ``*ForSequenceClassification`` model, apply uses ``"SEQ_CLS"``: a head
+            created for the task must train.
+        bias: ``"none"``; ``"lora_only"``: the biases of the adapted layers train and are saved
+            with the adapter; ``"all"``: every bias of the model does (PEFT's semantics: these are
+            base-model tensors, shared by every adapter).
+        lora_bias: lora_B gets a bias (zero-initialized), scaled like the update (PEFT's lora_bias).
     """
 
     r: int = 8
@@ -41,6 +67,14 @@ class LoRAConfig:
     fan_in_fan_out: Optional[bool] = None
     backend: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    layers_to_transform: Optional[Union[int, list]] = None
+    layers_pattern: Optional[Union[str, list]] = None
+    modules_to_save: Optional[list] = None
+    task_type: Optional[str] = None
+    bias: str = "none"
+    lora_bias: bool = False
     extra: dict = field(default_factory=dict)  # PEFT keys we keep but do not interpret
 
     def __post_init__(self):
@@ -66,10 +100,53 @@ class LoRAConfig:
             self.exclude_modules = list(self.exclude_modules)
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"LoRAConfig.backend must be one of {BACKENDS} or None, got {self.backend!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pat = getattr(self, name)
+            if pat is None:
+                setattr(self, name, {})
+                continue
+            if not isinstance(pat, dict) or not all(isinstance(k, str) for k in pat):
+                raise TypeError(f"LoRAConfig.{name} must be a dict of module-name patterns, got {pat!r}")
+            for k, v in pat.items():
+                if name == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ValueError(f"LoRAConfig.rank_pattern[{k!r}] must be an int >= 1, got {v!r}")
+                if name == "alpha_pattern" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                    raise ValueError(f"LoRAConfig.alpha_pattern[{k!r}] must be a positive number, got {v!r}")
+        lt = self.layers_to_transform
+        if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)):
+            if not isinstance(lt, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in lt):
+                raise TypeError(f"LoRAConfig.layers_to_transform must be an int or a list of ints, got {lt!r}")
+            self.layers_to_transform = list(lt)
+        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
+            self.layers_pattern = list(self.layers_pattern)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise TypeError(f"LoRAConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
+        if self.bias not in BIAS:
+            raise ValueError(f"LoRAConfig.bias must be one of {BIAS}, got {self.bias!r}")
+        if not isinstance(self.lora_bias, bool):
+            raise TypeError(f"LoRAConfig.lora_bias must be a bool, got {self.lora_bias!r}")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """``(r, alpha)`` of the module with qualified name ``module_name`` (PEFT's get_pattern_key)."""
+        return (_pattern_value(self.rank_pattern, module_name, self.r),
+                _pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def heads_to_save(self) -> list[str]:
+        """modules_to_save with the task type's heads (PEFT's rule), in order, without repeats."""
+        out = list(self.modules_to_save or [])
+        for m in TASK_HEADS.get(self.task_type or "", []):
+            if m not in out:
+                out.append(m)
+        return out
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return self.scaling_for(self.r, self.alpha)
 
     # --- PEFT's adapter_config.json -------------------------------------------------------
     def to_peft_dict(self, target_modules=None) -> dict:
@@ -88,15 +165,17 @@ class LoRAConfig:
                 "target_modules": targets,
                 "exclude_modules": self.exclude_modules,
                 "fan_in_fan_out": bool(self.fan_in_fan_out),
-                "bias": "none",
+                "bias": self.bias,
+                "lora_bias": self.lora_bias,
                 "use_rslora": self.use_rslora,
                 "use_dora": False,
                 "init_lora_weights": True if self.init == "default" else self.init,
-                "modules_to_save": None,
-                "layers_to_transform": None,
-                "layers_pattern": None,
-                "rank_pattern": {},
-                "alpha_pattern": {},
+                "modules_to_save": self.heads_to_save() or None,
+                "layers_to_transform": self.layers_to_transform,
+                "layers_pattern": self.layers_pattern,
+                "rank_pattern": dict(self.rank_pattern),
+                "alpha_pattern": dict(self.alpha_pattern),
+                "task_type": self.task_type,
                 "revision": None,
             }
         )
@@ -112,35 +191,62 @@ class LoRAConfig:
         for key in ("r", "lora_alpha"):
             if key not in d:
                 raise ValueError(f"{source}: missing required key {key!r}")
+        # Features that change the math and that peftcore does not implement: refused by name, never
+        # loaded as something else.  (Keys PEFT writes at their defaults pass.)
         unsupported = {
-            "use_dora": False,
-            "bias": "none",
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "modules_to_save": None,
-            "layers_to_transform": None,
+            "use_dora": (False, None),
+            "target_parameters": (None, [], ()),
+            "trainable_token_indices": (None, {}, []),
+            "alora_invocation_tokens": (None, []),
+            "use_qalora": (False, None),
+            "layer_replication": (None, []),
         }
         for key, ok in unsupported.items():
-            if d.get(key, ok) not in (ok, None, {}, []) and d.get(key) != ok:
+            if key in d and d[key] not in ok:
                 raise ValueError(f"{source}: {key}={d[key]!r} is not supported by peftcore yet")
         init = d.get("init_lora_weights", True)
-        init = "default" if init in (True, False) else init
+        if init in (True, False, "gaussian") or (isinstance(init, str) and init.startswith("pissa")):
+            init = "default" if init in (True, False) else init
+        else:
+            raise ValueError(f"{source}: init_lora_weights={init!r} is not supported by peftcore "
+                             f"(supported: true, 'gaussian', 'pissa', 'pissa_niter_N')")
         known = {
             "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
-            "fan_in_fan_out", "init_lora_weights", "base_model_name_or_path",
+            "fan_in_fan_out", "init_lora_weights", "base_model_name_or_path", "rank_pattern", "alpha_pattern",
+            "layers_to_transform", "layers_pattern", "modules_to_save", "task_type", "bias", "lora_bias",
         }
-        return cls(
-            r=int(d["r"]),
-            alpha=d["lora_alpha"],
-            dropout=float(d.get("lora_dropout", 0.0) or 0.0),
-            target_modules=d.get("target_modules"),
-            exclude_modules=d.get("exclude_modules"),
-            init=init,
-            use_rslora=bool(d.get("use_rslora", False)),
-            fan_in_fan_out=d.get("fan_in_fan_out"),
-            base_model_name_or_path=d.get("base_model_name_or_path"),
-            extra={k: v for k, v in d.items() if k not in known},
-        )
+        task_type = d.get("task_type")
+        saved = [m for m in (d.get("modules_to_save") or []) if m not in TASK_HEADS.get(task_type or "", [])]
+        try:
+            return cls(
+                r=int(d["r"]),
+                alpha=d["lora_alpha"],
+                dropout=float(d.get("lora_dropout", 0.0) or 0.0),
+                target_modules=d.get("target_modules"),
+                exclude_modules=d.get("exclude_modules"),
+                init=init,
+                use_rslora=bool(d.get("use_rslora", False)),
+                fan_in_fan_out=d.get("fan_in_fan_out"),
+                base_model_name_or_path=d.get("base_model_name_or_path"),
+                rank_pattern=d.get("rank_pattern") or {},
+                alpha_pattern=d.get("alpha_pattern") or {},
+                layers_to_transform=d.get("layers_to_transform"),
+                layers_pattern=d.get("layers_pattern") or None,
+                modules_to_save=saved or None,
+                task_type=task_type,
+                bias=d.get("bias", "none") or "none",
+                lora_bias=bool(d.get("lora_bias", False)),
+                extra={k: v for k, v in d.items() if k not in known},
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: invalid LoRA config: {e}") from e
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    for key in pattern:  # PEFT's get_pattern_key: the first key that matches a suffix of the name
+        if re.match(rf"(.*\.)?({key})$", name):
+            return pattern[key]
+    return default
