@@ -50,9 +50,10 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-from . import distill, losses, ops  # noqa: E402
+from . import distill, integrations, losses, ops  # noqa: E402
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoRALinear
+from .integrations import reference_model
 from .layers.base import Stack
 from .model import (
     active_adapters,
@@ -63,6 +64,7 @@ from .model import (
     delete_adapter,
     disable_adapters,
     merge,
+    merge_and_unload,
     set_active,
     train_adapter,
     unmerge,
@@ -79,6 +81,12 @@ from .tuners.prompt import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "SaveAdapterCallback":  # imports transformers, so only when asked for
+        return integrations.SaveAdapterCallback
+    raise AttributeError(f"module 'peftcore' has no attribute {name!r}")
+
 __all__ = [
     "BottleneckConfig",
     "CompacterConfig",
@@ -87,6 +95,7 @@ __all__ = [
     "LoRALinear",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "SaveAdapterCallback",
     "Stack",
     "active_adapters",
     "adapter_batch",
@@ -100,9 +109,12 @@ __all__ = [
     "load_adapter",
     "losses",
     "merge",
+    "merge_and_unload",
+    "integrations",
     "ops",
     "prompt_length",
     "read_adapter",
+    "reference_model",
     "save_adapter",
     "set_active",
     "strip_prompt",

@@ -14,8 +14,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .integrations.transformers import install_save_pretrained, uninstall_save_pretrained
 from .layers.base import AdapterHost, Stack, filter_spec
 from .layers.lora import LoRALinear
+from .layers.saved import ModulesToSave
 from .tuners import method_for_config
 from .tuners.lora import LoRAConfig
 
@@ -66,6 +68,7 @@ def apply(model: nn.Module, config, name: str = "default", activate: bool = True
     before = {id(m) for m in model.modules()}
     targets = method.inject(model, config, name)
     take_host_mode(model, before)
+    install_save_pretrained(model)  # save_pretrained writes the adapters too (PEFT's layout)
     _set_configs(model, {**adapter_configs(model), name: config})
     object.__setattr__(model, "_peftcore_targets", {**getattr(model, "_peftcore_targets", {}), name: targets})
     train_adapter(model, name)
@@ -218,6 +221,40 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if spec is not None and name in spec:
         kept = [n for n in spec if n != name]
         object.__setattr__(model, _ACTIVE, Stack(*kept) if isinstance(spec, Stack) and kept else kept)
+    if not configs:
+        uninstall_save_pretrained(model)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active LoRA adapters into the base weights and take every peftcore module out:
+    ``model`` (changed in place, and returned) is a plain model again, e.g. a transformers model
+    whose ``save_pretrained`` output any ``from_pretrained`` loads with the same logits.
+
+    Each LoRA layer becomes its base layer with the active adapters merged (inactive ones are
+    dropped); a modules_to_save wrapper becomes its active adapter's trained copy (the original
+    when none is active).  Adapters that cannot be folded into a weight (bottleneck, Compacter,
+    prompt and prefix tuning) are an error naming them, checked before anything changes: delete
+    them first (or keep the model adapted and save the adapters instead).
+    """
+    configs = adapter_configs(model)
+    other = [n for n, c in configs.items() if not isinstance(c, LoRAConfig)]
+    if other:
+        raise ValueError(
+            f"merge_and_unload folds LoRA adapters into weights; adapter {other[0]!r} is a "
+            f"{type(configs[other[0]]).__name__} adapter, which no weight can hold: delete it first"
+        )
+    for path, host in list(hosts(model)):
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(host, LoRALinear):
+            host.merge()
+            setattr(parent, child, host.base_layer)
+        elif isinstance(host, ModulesToSave):
+            setattr(parent, child, host.running())
+    for attr in (_CONFIGS, _ACTIVE, "_peftcore_targets"):
+        model.__dict__.pop(attr, None)
+    uninstall_save_pretrained(model)
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

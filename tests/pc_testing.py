@@ -112,3 +112,24 @@ def hook_counts(model):
 
 def n_slots(placement, layers=LAYERS):
     return 2 * layers if placement == "houlsby" else layers
+
+
+# --------------------------------------------------------------------------- trainers
+
+def tiny_tokenizer(vocab_size: int = 97):
+    """A word-level fast tokenizer over ``w0 .. w{n}`` plus specials, built in memory (no download),
+    matching the tiny models' vocabulary size; pad/bos/eos/unk are ids 0-3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_texts(n: int, words: int, seed: int = 0, lo: int = 0, hi: int = 90) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(lo, hi, (words,), generator=g)) for _ in range(n)]

@@ -110,3 +110,23 @@ def check_active(host: AdapterHost, spec) -> list[str]:
         raise KeyError(f"no adapter named {missing[0]!r} here (has {sorted(host.adapter_names())})")
     return names
 
+
+
+def accept_plain_keys(module: nn.Module, inner: str) -> None:
+    """Let ``module`` (a wrapper that holds the original module as ``module.<inner>``) load a state
+    dict written with the original module's keys (``<path>.weight`` for ``<path>.<inner>.weight``).
+
+    A checkpoint of the base model, or one written by :func:`peftcore.integrations.transformers`'s
+    ``save_pretrained`` (which writes plain keys so that a plain ``from_pretrained`` reads the base
+    correctly), then loads into the adapted model: Trainer's resume and ``load_state_dict`` work on
+    either form.  A key already in the wrapped form wins.
+    """
+
+    def hook(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        inner_prefix = f"{prefix}{inner}."
+        for name in list(getattr(mod, inner).state_dict(keep_vars=True)):
+            plain, wrapped = prefix + name, inner_prefix + name
+            if plain in state_dict and wrapped not in state_dict:
+                state_dict[wrapped] = state_dict.pop(plain)
+
+    module.register_load_state_dict_pre_hook(hook)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..ops.lora import lora_linear
 from ..ops.lora_mixed import lora_mixed_linear
-from .base import AdapterHost, check_active
+from .base import AdapterHost, accept_plain_keys, check_active
 
 
 class LoRALinear(nn.Module, AdapterHost):
@@ -52,6 +52,7 @@ class LoRALinear(nn.Module, AdapterHost):
         # Set by peftcore.adapter_batch: (lora_a [J,R,in], lora_b [J,out,R], scaling [J], index [B]),
         # or () when no adapter of the batch is on this layer.
         self.mixed: tuple | None = None
+        accept_plain_keys(self, "base_layer")
 
     # --- adapters --------------------------------------------------------------------------
     def add_adapter(self, name: str, config, r: int | None = None, alpha: float | None = None) -> None:

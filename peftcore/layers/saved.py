@@ -15,7 +15,7 @@ import copy
 
 from torch import nn
 
-from .base import AdapterHost, check_active
+from .base import AdapterHost, accept_plain_keys, check_active
 
 
 class ModulesToSave(nn.Module, AdapterHost):
@@ -27,6 +27,7 @@ class ModulesToSave(nn.Module, AdapterHost):
         self.modules_to_save = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
+        accept_plain_keys(self, "original_module")
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
