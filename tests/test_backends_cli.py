@@ -26,7 +26,7 @@ def test_env_override_and_errors(monkeypatch):
         backends.select("lora_linear", "cpu", torch.float32)
     monkeypatch.delenv("PEFTCORE_BACKEND")
     with pytest.raises(backends.BackendUnavailable, match="cpp takes float32, float64, got float16"):
-        backends.select("lora_linear", "cpu", torch.float16, backend="cpp")
+        backends.select("phm_linear", "cpu", torch.float16, backend="cpp")
 
 
 def test_automatic_choice_falls_back_and_logs_once(monkeypatch, caplog):

@@ -25,13 +25,13 @@ from peftcore.reference.phm import phm_weight
 from pc_testing import rel_err, tiny_inputs, tiny_model
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = [None, "reference", "triton"]  # None: the registry's choice (cpp takes no half: it must not be picked)
+BACKENDS = [None, "reference", "cpp", "triton"]  # None: the registry's choice
 
 
-def _usable(backend, dtype=torch.bfloat16):
+def _usable(backend, dtype=torch.bfloat16, op="lora_linear"):
     if backend is None:
         return
-    reason = backends.why_not("lora_linear", backend, "cpu", dtype)
+    reason = backends.why_not(op, backend, "cpu", dtype)
     if reason:
         pytest.skip(f"{backend} unavailable here: {reason}")
 
@@ -88,7 +88,7 @@ def test_lora_linear_under_autocast(precision, backend, p):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_phm_linear_under_autocast(backend):
-    _usable(backend)
+    _usable(backend, op="phm_linear")
     n, P, k, Q = 4, 9, 2, 5
     x, rule, wl, wr, bias = _leaves((2, 13, n * P), (n, n, n), (n, P, k), (n, k, Q), (n * Q,))
     run = lambda *t: pc.ops.phm_linear(*t, backend=backend)  # noqa: E731
@@ -101,7 +101,7 @@ def test_phm_linear_under_autocast(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_mixed_linear_under_autocast(backend):
-    _usable(backend)
+    _usable(backend, op="lora_mixed")
     x, w, bias, a, b = _leaves((4, 5, 24), (20, 24), (20,), (3, 4, 24), (3, 20, 4))
     scaling = torch.tensor([0.5, 1.0, 2.0])
     index = torch.tensor([2, -1, 0, 2])
@@ -125,7 +125,7 @@ def _kl_formula(s, t, temperature=2.0):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distill_kl_under_autocast(backend):
     """A loss: nothing lowered, fp32 out; a bf16 student against an fp32 teacher meets at fp32."""
-    _usable(backend)
+    _usable(backend, torch.float32, op="distill_kl")
     (s,) = _leaves((2, 7, 97))
     (t,) = _leaves((2, 7, 97), seed=1, grad=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -159,14 +159,28 @@ def test_fused_linear_distill_under_autocast():
     _check(run, formula, [hs, ws], torch.bfloat16, torch.float32)
 
 
-def test_cpp_is_never_chosen_for_half_and_says_so_when_asked():
-    x, w, a, b = _leaves((8, 16), (12, 16), (2, 16), (12, 2))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        if backends.why_not("lora_linear", "cpp", "cpu", torch.float32) is None:
-            with pytest.raises(backends.BackendUnavailable, match="cpp takes float32, float64, got bfloat16"):
-                pc.ops.lora_linear(x, w, None, a, b, 1.0, backend="cpp")
-        # The registry's choice for the bf16 the op receives is one that takes it.
-        assert backends.select("lora_linear", "cpu", torch.bfloat16) != "cpp"
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cpp_half_path_equals_the_reference(p):
+    """cpp takes bf16/fp16 on the CPU (torch's half GEMMs, the C++ dropout mask): the reference's
+    math and roundings, so the two agree bit for bit, forward and backward."""
+    _usable("cpp")
+    x, w, bias, a, b = (t.detach().bfloat16().requires_grad_(t.requires_grad)
+                        for t in _leaves((33, 40), (24, 40), (24,), (5, 40), (24, 5)))
+    outs = []
+    for be in ("cpp", "reference"):
+        y = pc.ops.lora_linear(x, w, bias, a, b, 0.5, dropout_p=p, seed=9, backend=be)
+        outs.append((y, *torch.autograd.grad(y, [x, w, bias, a, b], torch.ones_like(y))))
+    for mine, ref in zip(*outs):
+        assert torch.equal(mine, ref)
+
+
+def test_backends_without_half_are_never_chosen_for_it():
+    """phm_linear's cpp takes fp32/fp64: asked for bf16 it says so; the registry picks another."""
+    if backends.why_not("phm_linear", "cpp", "cpu", torch.float32) is None:
+        with pytest.raises(backends.BackendUnavailable, match="cpp takes float32, float64, got bfloat16"):
+            backends.select("phm_linear", "cpu", torch.bfloat16, backend="cpp")
+    assert backends.select("phm_linear", "cpu", torch.bfloat16) != "cpp"
+    assert backends.select("lora_linear", "cpu", torch.bfloat16) in ("cpp", "reference")
 
 
 def test_lora_model_under_autocast_repeatedly_finite_and_equal_to_reference():
