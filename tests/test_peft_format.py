@@ -213,3 +213,17 @@ def test_modules_to_save_that_matches_nothing_is_an_error_and_changes_nothing():
     with pytest.raises(ValueError, match="modules_to_save=\\['nope'\\] matched no module"):
         pc.apply(base, pc.LoRAConfig(target_modules=targets, modules_to_save=["nope"]))
     assert [n for n, _ in base.named_modules()] == before
+
+
+def test_peft_prompt_tuning_file_is_refused_by_name(tmp_path):
+    """PEFT's PROMPT_TUNING shares the peft_type of peftcore's own (different) prompt-tuning format."""
+    base, _ = tiny_model("llama")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match="PROMPT_TUNING adapter in Hugging Face PEFT's format"):
+        pc.read_adapter(tmp_path / "peft")
+    ours = pc.apply(copy.deepcopy(base), pc.PromptTuningConfig(num_virtual_tokens=4))
+    pc.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["library"] == "peftcore"
+    config, _ = pc.read_adapter(tmp_path / "ours")
+    assert config.num_virtual_tokens == 4

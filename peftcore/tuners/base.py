@@ -72,9 +72,13 @@ def method_for_type(peft_type, source: str) -> Method:
     return _BY_TYPE[peft_type]
 
 
+LIBRARY = "peftcore"  # adapter_config.json's "library" for peftcore's own (non-PEFT) formats
+
+
 def dataclass_to_json(config, peft_type: str) -> dict:
-    """A dataclass config as JSON: its fields plus ``peft_type``."""
-    return {"peft_type": peft_type, **dataclasses.asdict(config)}
+    """A dataclass config as JSON: its fields, ``peft_type`` and ``library`` ("peftcore": the file is
+    peftcore's own format, which PEFT cannot read, and a reader can tell it from PEFT's)."""
+    return {"peft_type": peft_type, "library": LIBRARY, **dataclasses.asdict(config)}
 
 
 def dataclass_from_json(cls, d: dict, peft_type: str, source: str):
@@ -83,8 +87,13 @@ def dataclass_from_json(cls, d: dict, peft_type: str, source: str):
         raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
     if d.get("peft_type") != peft_type:
         raise ValueError(f"{source}: peft_type is {d.get('peft_type')!r}, expected {peft_type!r}")
+    if d.get("library", LIBRARY) != LIBRARY or ("library" not in d and ("peft_version" in d or "task_type" in d)):
+        raise ValueError(
+            f"{source}: a {peft_type} adapter in Hugging Face PEFT's format, which peftcore does not read "
+            f"(peftcore reads PEFT's LORA adapters, and its own {peft_type} files, marked \"library\": \"peftcore\")"
+        )
     names = {f.name for f in dataclasses.fields(cls)}
-    rest = {k: v for k, v in d.items() if k != "peft_type"}
+    rest = {k: v for k, v in d.items() if k not in ("peft_type", "library")}
     unknown = sorted(set(rest) - names)
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} keys {unknown} (written by a newer peftcore?)")
