@@ -97,3 +97,15 @@ def test_every_op_is_registered_with_fake_and_autograd():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "AutocastCPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "AutocastCUDA"), name
+
+
+def test_backward_allocates_no_zero_gradient_for_the_extra_outputs():
+    """Autograd must not materialize zero gradients for an op's extra outputs: for distill_kl that
+    was an [N, V] zero fill per backward (its precomputed gradient is an output of the op)."""
+    from peftcore.bench.memory import cpu_peak_memory
+    from peftcore.losses import distill_kl
+
+    s, t = torch.randn(256, 4096, requires_grad=True), torch.randn(256, 4096)
+    loss = distill_kl(s, t, temperature=2.0, backend="reference")
+    peak = cpu_peak_memory(lambda: torch.autograd.grad(loss, [s]))
+    assert peak < s.numel() * s.element_size() // 2  # the stored gradient is returned, nothing [N, V] new

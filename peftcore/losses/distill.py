@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import backends
 from ..ops._checks import check_backend
-from ..ops._library import absent, autocast, autocasting, implementation, is_one, present
+from ..ops._library import no_aux_grads, absent, autocast, autocasting, implementation, is_one, present
 from ..reference.distill import KINDS
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,11 +74,12 @@ def _(s, t, row_weight, temperature, kind, beta, per_row, need_grad, backend):
 def _setup_context(ctx, inputs, output):
     ctx.per_row, ctx.need_grad = inputs[6], inputs[7]
     ctx.save_for_backward(output[1] if ctx.need_grad else None)
+    no_aux_grads(ctx, output[1:])
 
 
 def _backward(ctx, g, _dgrad):
     (grad,) = ctx.saved_tensors
-    if not ctx.need_grad or not ctx.needs_input_grad[0]:
+    if g is None or not ctx.need_grad or not ctx.needs_input_grad[0]:
         return (None,) * 9
     if ctx.per_row:
         dg = grad * g.to(grad.dtype)[:, None]

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .. import backends
 from ..ops._checks import check_backend
-from ..ops._library import absent, autocast, is_one, present
+from ..ops._library import no_aux_grads, absent, autocast, is_one, present
 from ..reference.distill import KINDS
 from .distill import SPEC as _DISTILL_SPEC  # noqa: F401  (registers the distill_kl backends)
 
@@ -189,9 +189,12 @@ def _(hs, ws, ht, wt, bs, bt, labels, temperature, alpha, kind, beta, ignore_ind
 def _setup_context(ctx, inputs, output):
     ctx.needs = inputs[14]
     ctx.save_for_backward(*output[1:])
+    no_aux_grads(ctx, output[1:])
 
 
 def _backward(ctx, go, *_):
+    if go is None:
+        return (None,) * 16
     grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
     if type(go) is not torch.Tensor or torch.compiler.is_compiling():  # traced: no host read, no in-place
         grads = [None if g is None else g * go.to(g.dtype) for g in grads]

@@ -93,6 +93,14 @@ def implementation(op: str, like: torch.Tensor, backend: str | None):
     return backends.implementation(op, backends.select(op, like.device, like.dtype, backend))
 
 
+def no_aux_grads(ctx, aux) -> None:
+    """The op's extra outputs (saved intermediates, the seed, precomputed gradients) get no gradient,
+    and autograd passes None rather than a zero tensor the size of each (a [N, V] zero fill per
+    backward of distill_kl, otherwise)."""
+    ctx.mark_non_differentiable(*[t for t in aux if t.is_floating_point()])
+    ctx.set_materialize_grads(False)
+
+
 def is_one(t: torch.Tensor) -> bool:
     """True when ``t`` is a real one-element tensor equal to 1 (an eager ``loss.backward()``'s seed).
 

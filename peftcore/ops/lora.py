@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import backends
 from ..reference.rng import check_seed, dropout_threshold, new_seed
 from ._checks import as_rows, check_backend, check_bias, check_floats, check_like_x, weight_shape
-from ._library import absent, autocast, autocasting, implementation, optional, present
+from ._library import no_aux_grads, absent, autocast, autocasting, implementation, optional, present
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -89,6 +89,7 @@ def _(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, needs, backend):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, p, _, backend = inputs
     ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, output[2])
+    no_aux_grads(ctx, output[1:])
     ctx.scaling, ctx.p, ctx.backend, ctx.has_bias = scaling, p, backend, bias is not None
 
 
@@ -96,7 +97,7 @@ def _backward(ctx, dy, _dxa, _dseed):
     x, xa, weight, lora_a, lora_b, seed = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4]]
-    if not any(needs):
+    if dy is None or not any(needs):
         return (None,) * 9
     grads = _lora_linear_backward_op(dy, x, xa, weight, lora_a, lora_b, ctx.scaling, ctx.p, seed, needs, ctx.backend)
     return (*(optional(g, need) for g, need in zip(grads, needs)), None, None, None, None)

@@ -94,13 +94,14 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, rows, _ = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, scaling, rows)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy):
     x, weight, lora_a, lora_b, scaling, rows = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4]]
-    if not any(needs):
+    if dy is None or not any(needs):
         return (None,) * 8
     grads = _lora_mixed_backward_op(dy, x, weight, lora_a, lora_b, scaling, rows, needs)
     return (*(optional(g, need) for g, need in zip(grads, needs)), None, None, None)

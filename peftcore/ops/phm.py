@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import backends
 from ..reference.phm import check_factors
 from ._checks import as_rows, check_backend, check_bias, check_floats, check_like_x
-from ._library import absent, autocast, autocasting, implementation, optional, present
+from ._library import no_aux_grads, absent, autocast, autocasting, implementation, optional, present
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,6 +78,7 @@ def _(dy, x, t, rule, w_left, w_right, needs, backend):
 def _setup_context(ctx, inputs, output):
     x, rule, w_left, w_right, bias, backend = inputs
     ctx.save_for_backward(x, output[1], rule, w_left, w_right)
+    no_aux_grads(ctx, output[1:])
     ctx.backend, ctx.has_bias = backend, bias is not None
 
 
@@ -85,7 +86,7 @@ def _backward(ctx, dy, _dt):
     x, t, rule, w_left, w_right = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3], n[4] and ctx.has_bias]
-    if not any(needs):
+    if dy is None or not any(needs):
         return (None,) * 6
     grads = _phm_linear_backward_op(dy, x, t, rule, w_left, w_right, needs, ctx.backend)
     return (*(optional(g, need) for g, need in zip(grads, needs)), None)
