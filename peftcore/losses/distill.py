@@ -42,7 +42,7 @@ SPEC = backends.register(
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
         why_default={
-            "cpu": "cpp: fwd+bwd 171 ms vs torch eager 2337 ms, reference 2801 ms, torch.compile 249 ms "
+            "cpu": "cpp: fwd+bwd 256 ms vs torch eager 2416 ms, reference 6490 ms, torch.compile 411 ms "
             "([4096, 32000] fp32, AMD EPYC 2 threads; benchmarks/results/distill_cpu.md)",
             "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",
         },

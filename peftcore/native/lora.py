@@ -164,7 +164,8 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
 # Half precision on the CPU (what CPU autocast hands the op): torch's bf16/fp16 GEMMs (fp32
 # accumulation, AVX-512 BF16 where the CPU has it) and the C++ kernel for the dropout mask, built
 # once per pass (the reference hashes it with int64 tensor ops: at 2048 x 1024, p 0.1, bf16,
-# fwd+bwd 451 ms against 14.6 ms for the frozen linear).  Same math and roundings as the reference.
+# fwd+bwd 191 ms against 26.7 ms here and 13.6 ms for the frozen linear; benchmarks/results/
+# lora_cpu_bf16.md).  Same math and roundings as the reference.
 
 
 def _half_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed):

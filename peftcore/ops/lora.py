@@ -38,9 +38,10 @@ SPEC = backends.register(
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
         why_default={
-            "cpu": "cpp: fwd+bwd 1.07x the frozen linear vs reference 3.28x at p=0.1, 1.08x vs 1.10x at p=0 "
+            "cpu": "cpp: fwd+bwd 1.12x the frozen linear vs reference 7.1x at p=0.1, 1.15x vs 1.19x at p=0 "
             "(fp32, 2048x1024->1024, r=16, AMD EPYC 2 threads; benchmarks/results/lora_cpu.md); bf16 (CPU autocast): "
-            "fwd+bwd 23.8 ms vs reference 257.7 ms at p=0.1, frozen bf16 linear 14.0 ms (same shape)",
+            "fwd+bwd 1.89x the frozen bf16 linear vs reference 13.9x at p=0.1, 1.30x vs 1.36x at p=0 "
+            "(benchmarks/results/lora_cpu_bf16.md)",
             "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",
         },
     )

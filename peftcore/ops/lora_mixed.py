@@ -37,7 +37,7 @@ SPEC = backends.register(
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
         why_default={
-            "cpu": "cpp: forward 1.08-1.25x faster than the reference loop over adapters, 1.03-1.13x the base "
+            "cpu": "cpp: forward 1.09-1.26x faster than the reference loop over adapters, 1.08-1.14x the base "
             "linear alone (fp32, 1024->1024, r 16, 4-16 adapters, AMD EPYC 2 threads; "
             "benchmarks/results/lora_mixed_cpu.md)",
             "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",

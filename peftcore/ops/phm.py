@@ -35,7 +35,7 @@ SPEC = backends.register(
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
         why_default={
-            "cpu": "cpp: fwd+bwd 0.27-0.33x a dense nn.Linear of the same shape and 2.7-7.5x faster than "
+            "cpu": "cpp: fwd+bwd 0.50-0.56x a dense nn.Linear of the same shape and 2.4-5.0x faster than "
             "reference (fp32, 2048 tokens, 1024->32->1024 block, 1024->32, 32->1024, n 4, k 1, AMD EPYC 2 threads; "
             "benchmarks/results/phm_cpu.md)",
             "cuda": "not yet measured on a GPU: Triton until the GPU benchmark decides",
