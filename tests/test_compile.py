@@ -54,6 +54,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def eager_random():
+    """inductor draws nn.Dropout masks as eager does (the config module's own patch API)."""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
 def test_llama_with_four_lora_layers_has_no_graph_break():
     """The reported case: 2-layer Llama, q_proj and v_proj of both layers, with and without dropout."""
     ids = tiny_inputs()
@@ -69,8 +76,7 @@ def test_llama_with_four_lora_layers_has_no_graph_break():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_fullgraph_forward_and_backward_equal_eager(kind, method, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_fullgraph_forward_and_backward_equal_eager(kind, method, eager_random):
     model = _model(kind, method)
     ids = tiny_inputs()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -92,19 +98,18 @@ def test_fullgraph_forward_and_backward_equal_eager(kind, method, monkeypatch):
         torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-7, msg=n)
 
 
-def test_training_loop_with_dropout_never_recompiles(monkeypatch):
+def test_training_loop_with_dropout_never_recompiles():
     """Every step draws a new dropout seed inside the op: no value reaches the traced graph."""
     model = _model("llama", "lora1")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids = tiny_inputs()
     outs = [model_out(compiled, ids)]  # the one compilation
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    outs += [model_out(compiled, ids) for _ in range(3)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs += [model_out(compiled, ids) for _ in range(3)]
     assert not torch.equal(outs[-1], outs[-2])  # fresh masks each step, from the same graph
 
 
-def test_compiled_under_autocast_equals_eager(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compiled_under_autocast_equals_eager(eager_random):
     model = _model("llama", "lora1")
     ids = tiny_inputs()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -116,9 +121,8 @@ def test_compiled_under_autocast_equals_eager(monkeypatch):
     assert outs[0].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
 
 
-def test_inductor_compiles_a_lora_training_step(monkeypatch):
+def test_inductor_compiles_a_lora_training_step(eager_random):
     """The default backend end to end (inductor's CPU code), forward and backward, dropout on."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     model = _model("llama", "lora1")
     ref = copy.deepcopy(model)
     ids = tiny_inputs()
