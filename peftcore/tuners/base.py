@@ -9,10 +9,13 @@ its config to and from the JSON written beside the weights (``adapter_config.jso
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
+
+from .targets import match_budget
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,16 @@ _BY_TYPE: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
+    """Register ``method`` (its injection runs under one regex-matching budget: see
+    :func:`peftcore.tuners.targets.match_budget`); returns the registered Method."""
+    inner = method.inject
+
+    @functools.wraps(inner)
+    def inject(model, config, name):
+        with match_budget():
+            return inner(model, config, name)
+
+    method = dataclasses.replace(method, inject=inject)
     _BY_TYPE[method.peft_type] = method
     return method
 
@@ -65,7 +78,7 @@ def method_for_config(config) -> Method:
 
 
 def method_for_type(peft_type, source: str) -> Method:
-    if peft_type not in _BY_TYPE:
+    if not isinstance(peft_type, str) or peft_type not in _BY_TYPE:
         raise ValueError(
             f"{source}: peft_type {peft_type!r} is not a method peftcore loads (knows {sorted(_BY_TYPE)})"
         )

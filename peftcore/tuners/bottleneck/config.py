@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...backends import BACKENDS
+from .. import _validate as V
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 # Accepted spellings -> canonical name (AdapterHub says "swish" and "leakyrelu").
@@ -25,20 +26,6 @@ NON_LINEARITIES = {
 }
 W_INITS = ("glorot-uniform", "glorot-normal", "normal")
 C_INITS = ("normal", "uniform")
-
-
-def _modules_field(cls: str, name: str, value):
-    if value is None or isinstance(value, str):
-        return value
-    try:
-        value = list(value)
-    except TypeError:
-        value = None
-    if value is None or not value or not all(isinstance(v, str) and v for v in value):
-        raise TypeError(
-            f"{cls}.{name} must be None, a regex string or a non-empty list of module names/suffixes"
-        )
-    return value
 
 
 @dataclass
@@ -80,33 +67,29 @@ class BottleneckConfig:
 
     def __post_init__(self):
         cls = type(self).__name__
-        if self.placement not in PLACEMENTS:
+        if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
             raise ValueError(f"{cls}.placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        rf = self.reduction_factor
-        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not rf > 0:
-            raise ValueError(f"{cls}.reduction_factor must be a positive number, got {rf!r}")
+        # A factor below 1 widens; one below 1/1024 (or above 2**31) is no adapter anybody means.
+        V.number(cls, "reduction_factor", self.reduction_factor, lo=2**-10, hi=V.INT_MAX,
+                 expect="a positive number >= 1/1024")
         nl = self.non_linearity.lower() if isinstance(self.non_linearity, str) else None
         if nl not in NON_LINEARITIES:
             raise ValueError(
                 f"{cls}.non_linearity must be one of {sorted(NON_LINEARITIES)}, got {self.non_linearity!r}"
             )
         self.non_linearity = NON_LINEARITIES[nl]
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
-            raise TypeError(f"{cls}.scaling must be a number, got {self.scaling!r}")
-        d = self.dropout
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
-            raise ValueError(f"{cls}.dropout must be in [0, 1), got {self.dropout!r}")
-        try:
-            leave = list(self.leave_out)
-        except TypeError:
-            leave = None
-        if leave is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in leave):
+        V.number(cls, "scaling", self.scaling, lo=-V.FLOAT_MAX, hi=V.FLOAT_MAX,
+                 expect=f"a number of magnitude at most {V.FLOAT_MAX:g}")
+        V.number(cls, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True, expect="in [0, 1)")
+        leave = self.leave_out
+        if not isinstance(leave, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= V.INT_MAX for i in leave
+        ):
             raise ValueError(f"{cls}.leave_out must be a list of layer indices (ints >= 0), got {self.leave_out!r}")
-        self.leave_out = leave
+        self.leave_out = list(leave)
         for name in ("attn_output_modules", "ffn_output_modules", "ffn_input_modules"):
-            setattr(self, name, _modules_field(cls, name, getattr(self, name)))
-        if isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or self.init_range < 0:
-            raise ValueError(f"{cls}.init_range must be a number >= 0, got {self.init_range!r}")
+            setattr(self, name, V.names_or_regex(cls, name, getattr(self, name), allow_empty=False))
+        V.number(cls, "init_range", self.init_range, lo=0, hi=V.FLOAT_MAX, expect="a number >= 0")
 
     @property
     def phm(self) -> bool:
@@ -165,23 +148,13 @@ class CompacterConfig(BottleneckConfig):
         super().__post_init__()
         cls = type(self).__name__
         for name in ("phm_dim", "phm_rank"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{cls}.{name} must be an int >= 1, got {v!r}")
+            V.integer(cls, name, getattr(self, name))
         for name in ("shared_phm_rule", "factorized_phm_W", "phm_bias", "learn_phm"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{cls}.{name} must be a bool, got {getattr(self, name)!r}")
-        r = self.phm_init_range
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0:
-            raise ValueError(f"{cls}.phm_init_range must be a number >= 0, got {r!r}")
-        if self.phm_c_init not in C_INITS:
-            raise ValueError(f"{cls}.phm_c_init must be one of {C_INITS}, got {self.phm_c_init!r}")
-        if self.hypercomplex_nonlinearity not in W_INITS:
-            raise ValueError(
-                f"{cls}.hypercomplex_nonlinearity must be one of {W_INITS}, got {self.hypercomplex_nonlinearity!r}"
-            )
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"{cls}.backend must be one of {BACKENDS} or None, got {self.backend!r}")
+            V.boolean(cls, name, getattr(self, name))
+        V.number(cls, "phm_init_range", self.phm_init_range, lo=0, hi=V.FLOAT_MAX, expect="a number >= 0")
+        V.choice(cls, "phm_c_init", self.phm_c_init, C_INITS)
+        V.choice(cls, "hypercomplex_nonlinearity", self.hypercomplex_nonlinearity, W_INITS)
+        V.choice(cls, "backend", self.backend, BACKENDS, optional=True)
 
     @property
     def phm(self) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...layers.bottleneck import BottleneckAdapter, BottleneckSlot
 from ...layers.phm import PHMRuleBank
+from .._validate import check_fits
 from ...ops.phm import check_phm_shapes
 from ..targets import matches
 from .config import BottleneckConfig
@@ -89,7 +90,8 @@ def _builtin_points(model: nn.Module, model_type: str, point: int, needed) -> li
 
 
 def _override_points(model: nn.Module, field: str, patterns) -> list[tuple[str, int | None]]:
-    names = [n for n, _ in model.named_modules() if n and not _own_module(n) and matches(n, patterns)]
+    names = [n for n, _ in model.named_modules()
+             if n and not _own_module(n) and matches(n, patterns, f"BottleneckConfig.{field}")]
     if not names:
         raise ValueError(f"BottleneckConfig.{field}={patterns!r} matched no module of {type(model).__name__}")
     return [(n, _layer_index(n)) for n in names]
@@ -175,6 +177,27 @@ def _check_widths(config: BottleneckConfig, hidden: int) -> None:
             ) from None
 
 
+def _check_size(config: BottleneckConfig, hiddens: list[int], kw: dict) -> None:
+    """Refuse, before anything is allocated, an adapter whose parameters cannot fit in memory."""
+    numel = 0
+    for hidden in hiddens:
+        width = config.bottleneck_width(hidden)
+        if not config.phm:
+            numel += 2 * hidden * width + hidden + width
+        elif config.factorized_phm_W:
+            numel += 2 * config.phm_rank * (hidden + width) + hidden + width
+        else:
+            numel += 2 * hidden * width // config.phm_dim + hidden + width
+        if config.phm and not config.shared_phm_rule:
+            numel += 2 * config.phm_dim**3
+    if config.phm and config.shared_phm_rule:
+        numel += config.phm_dim**3
+    fields = "reduction_factor" + (", phm_dim, phm_rank" if config.phm else "")
+    dtype = kw.get("dtype")
+    check_fits(f"{type(config).__name__}.{{{fields}}}", numel, dtype.itemsize if dtype is not None else 4,
+               kw.get("device"))
+
+
 def inject_bottleneck(model: nn.Module, config: BottleneckConfig, name: str) -> list[str]:
     """Add adapter ``name`` at every point ``config`` selects; returns the hooked modules' names.
 
@@ -206,6 +229,7 @@ def inject_bottleneck(model: nn.Module, config: BottleneckConfig, name: str) -> 
         raise ValueError(f"a PHM rule for adapter {name!r} already exists")
 
     kw = _factory_kwargs(model)
+    _check_size(config, [p[3] for p in plan], kw)
     if shared:
         bank = PHMRuleBank.of(model, create=True)
         bank.add_rule(name, config.phm_dim, learn=config.learn_phm, c_init=config.phm_c_init,

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from ...backends import BACKENDS
+from .. import _validate as V
+from ..targets import bounded_match
 
 INITS = ("default", "gaussian", "pissa")
 BIAS = ("none", "all", "lora_only")
@@ -78,55 +80,59 @@ class LoRAConfig:
     extra: dict = field(default_factory=dict)  # PEFT keys we keep but do not interpret
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRAConfig.r must be an int >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        c = "LoRAConfig"
+        self.r = V.integer(c, "r", self.r)
+        self.alpha = V.number(c, "alpha", self.alpha, lo=0, hi=V.FLOAT_MAX, lo_open=True, expect="a positive number")
+        self.dropout = V.number(c, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True, expect="in [0, 1)")
         if self.init is True:
             self.init = "default"
         if not isinstance(self.init, str) or not (
-            self.init in INITS or re.fullmatch(r"pissa_niter_\d+", self.init)
+            self.init in INITS or re.fullmatch(r"pissa_niter_\d{1,6}", self.init)
         ):
             raise ValueError(
                 f"LoRAConfig.init must be one of {INITS} or 'pissa_niter_N', got {self.init!r}"
             )
-        if self.target_modules is not None and not isinstance(self.target_modules, str):
-            self.target_modules = list(self.target_modules)
-            if not all(isinstance(t, str) for t in self.target_modules):
-                raise TypeError("LoRAConfig.target_modules must be a string or a list of strings")
-        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
-            self.exclude_modules = list(self.exclude_modules)
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"LoRAConfig.backend must be one of {BACKENDS} or None, got {self.backend!r}")
+        self.target_modules = V.names_or_regex(c, "target_modules", self.target_modules)
+        self.exclude_modules = V.names_or_regex(c, "exclude_modules", self.exclude_modules)
+        V.boolean(c, "use_rslora", self.use_rslora)
+        V.boolean(c, "fan_in_fan_out", self.fan_in_fan_out, optional=True)
+        V.choice(c, "backend", self.backend, BACKENDS, optional=True)
+        V.string(c, "base_model_name_or_path", self.base_model_name_or_path)
         for name in ("rank_pattern", "alpha_pattern"):
             pat = getattr(self, name)
             if pat is None:
                 setattr(self, name, {})
                 continue
-            if not isinstance(pat, dict) or not all(isinstance(k, str) for k in pat):
+            if not isinstance(pat, dict):
                 raise TypeError(f"LoRAConfig.{name} must be a dict of module-name patterns, got {pat!r}")
             for k, v in pat.items():
-                if name == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                    raise ValueError(f"LoRAConfig.rank_pattern[{k!r}] must be an int >= 1, got {v!r}")
-                if name == "alpha_pattern" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-                    raise ValueError(f"LoRAConfig.alpha_pattern[{k!r}] must be a positive number, got {v!r}")
-        lt = self.layers_to_transform
-        if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool)):
-            if not isinstance(lt, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in lt):
-                raise TypeError(f"LoRAConfig.layers_to_transform must be an int or a list of ints, got {lt!r}")
-            self.layers_to_transform = list(lt)
-        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
-            self.layers_pattern = list(self.layers_pattern)
+                V.regex(c, f"{name} key", k)
+                if name == "rank_pattern":
+                    V.integer(c, f"rank_pattern[{k!r}]", v)
+                else:
+                    V.number(c, f"alpha_pattern[{k!r}]", v, lo=0, hi=V.FLOAT_MAX, lo_open=True,
+                             expect="a positive number")
+        self.layers_to_transform = V.int_list(c, "layers_to_transform", self.layers_to_transform,
+                                              allow_int=True, optional=True)
+        lp = self.layers_pattern
+        if lp is not None:
+            lp = [lp] if isinstance(lp, str) else lp
+            if not isinstance(lp, (list, tuple)):
+                raise TypeError(f"LoRAConfig.layers_pattern must be a string or a list of strings, got {lp!r}")
+            for i, p in enumerate(lp):
+                V.regex(c, f"layers_pattern[{i}]" if not isinstance(self.layers_pattern, str) else "layers_pattern", p)
+            if not isinstance(self.layers_pattern, str):
+                self.layers_pattern = list(lp)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+            if isinstance(self.modules_to_save, str) or not isinstance(self.modules_to_save, (list, tuple)) or \
+                    not all(isinstance(m, str) and m for m in self.modules_to_save):
                 raise TypeError(f"LoRAConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
             self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
-        if self.bias not in BIAS:
-            raise ValueError(f"LoRAConfig.bias must be one of {BIAS}, got {self.bias!r}")
-        if not isinstance(self.lora_bias, bool):
-            raise TypeError(f"LoRAConfig.lora_bias must be a bool, got {self.lora_bias!r}")
+        V.string(c, "task_type", self.task_type, max_len=64)
+        V.choice(c, "bias", self.bias, BIAS)
+        V.boolean(c, "lora_bias", self.lora_bias)
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"LoRAConfig.extra must be a dict, got {self.extra!r}")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """``(r, alpha)`` of the module with qualified name ``module_name`` (PEFT's get_pattern_key)."""
@@ -205,9 +211,9 @@ class LoRAConfig:
             if key in d and d[key] not in ok:
                 raise ValueError(f"{source}: {key}={d[key]!r} is not supported by peftcore yet")
         init = d.get("init_lora_weights", True)
-        if init in (True, False, "gaussian") or (isinstance(init, str) and init.startswith("pissa")):
-            init = "default" if init in (True, False) else init
-        else:
+        if init in (True, False) and isinstance(init, bool):
+            init = "default"
+        elif not (isinstance(init, str) and (init == "gaussian" or init.startswith("pissa"))):
             raise ValueError(f"{source}: init_lora_weights={init!r} is not supported by peftcore "
                              f"(supported: true, 'gaussian', 'pissa', 'pissa_niter_N')")
         known = {
@@ -216,37 +222,56 @@ class LoRAConfig:
             "layers_to_transform", "layers_pattern", "modules_to_save", "task_type", "bias", "lora_bias",
         }
         task_type = d.get("task_type")
-        saved = [m for m in (d.get("modules_to_save") or []) if m not in TASK_HEADS.get(task_type or "", [])]
+        if task_type is not None and not isinstance(task_type, str):
+            raise ValueError(f"{source}: task_type must be a string or null, got {task_type!r}")
+        saved = d.get("modules_to_save")
+        if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) for m in saved)):
+            raise ValueError(f"{source}: modules_to_save must be a list of module names or null, got {saved!r}")
+        saved = [m for m in (saved or []) if m not in TASK_HEADS.get(task_type or "", [])]
+
+        def default(key, value):  # PEFT writes null for some keys left at their default
+            v = d.get(key, value)
+            return value if v is None else v
+
         try:
             return cls(
-                r=int(d["r"]),
+                r=d["r"],
                 alpha=d["lora_alpha"],
-                dropout=float(d.get("lora_dropout", 0.0) or 0.0),
+                dropout=default("lora_dropout", 0.0),
                 target_modules=d.get("target_modules"),
                 exclude_modules=d.get("exclude_modules"),
                 init=init,
-                use_rslora=bool(d.get("use_rslora", False)),
+                use_rslora=default("use_rslora", False),
                 fan_in_fan_out=d.get("fan_in_fan_out"),
                 base_model_name_or_path=d.get("base_model_name_or_path"),
-                rank_pattern=d.get("rank_pattern") or {},
-                alpha_pattern=d.get("alpha_pattern") or {},
+                rank_pattern=default("rank_pattern", {}),
+                alpha_pattern=default("alpha_pattern", {}),
                 layers_to_transform=d.get("layers_to_transform"),
                 layers_pattern=d.get("layers_pattern") or None,
                 modules_to_save=saved or None,
                 task_type=task_type,
-                bias=d.get("bias", "none") or "none",
-                lora_bias=bool(d.get("lora_bias", False)),
+                bias=default("bias", "none"),
+                lora_bias=default("lora_bias", False),
                 extra={k: v for k, v in d.items() if k not in known},
             )
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: invalid LoRA config: {e}") from e
+            raise ValueError(f"{source}: invalid LoRA config: {_file_names(str(e))}") from e
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# LoRAConfig's field -> the key PEFT's adapter_config.json calls it, for errors about a file.
+_PEFT_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
+
+
+def _file_names(message: str) -> str:
+    return re.sub(r"LoRAConfig\.(alpha|dropout|init)\b", lambda m: f"{_PEFT_KEYS[m.group(1)]} (LoRAConfig.{m.group(1)})",
+                  message)
+
+
 def _pattern_value(pattern: dict, name: str, default):
     for key in pattern:  # PEFT's get_pattern_key: the first key that matches a suffix of the name
-        if re.match(rf"(.*\.)?({key})$", name):
+        if bounded_match(rf"(.*\.)?({key})$", name, "rank_pattern/alpha_pattern key"):
             return pattern[key]
     return default

@@ -7,6 +7,7 @@ from torch import nn
 from ...layers.base import AdapterHost
 from ...layers.lora import LoRALinear
 from ...layers.saved import ModulesToSave
+from .._validate import check_fits
 from ..targets import in_layers, inside_any, is_linear, matches, resolve_targets
 from .config import TASK_HEADS, LoRAConfig
 
@@ -40,6 +41,23 @@ def _saved_modules(model: nn.Module, config: LoRAConfig, heads: list[str]) -> li
     if explicit:
         raise ValueError(f"modules_to_save={explicit!r} matched no module of {type(model).__name__}")
     return found
+
+
+def _check_fan_in_fan_out(model: nn.Module, config: LoRAConfig, names: list[str]) -> None:
+    """fan_in_fan_out says how the base weight is stored: ``[in, out]`` is GPT-2's Conv1D, ``[out, in]``
+    nn.Linear.  A value that contradicts the module would run the weights transposed."""
+    if config.fan_in_fan_out is None:
+        return
+    for n in names:
+        m = model.get_submodule(n)
+        base = m.base_layer if isinstance(m, LoRALinear) else m
+        conv1d = type(base).__name__ == "Conv1D"
+        if config.fan_in_fan_out != conv1d:
+            raise ValueError(
+                f"LoRAConfig.fan_in_fan_out={config.fan_in_fan_out} does not fit module {n!r}, a "
+                f"{type(base).__name__} (weight stored {'[in, out]' if conv1d else '[out, in]'}): fan_in_fan_out is "
+                f"true exactly for GPT-2's Conv1D; leave it None to detect it"
+            )
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, name: str) -> list[str]:
@@ -91,6 +109,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig, name: str) -> list[str]:
         m = model.get_submodule(n)
         if isinstance(m, ModulesToSave) and name in m.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of {n}")
+    _check_fan_in_fan_out(model, config, names)
+    numel, weight = 0, None
+    for n in names:  # every size is known: refuse before allocating one that cannot fit
+        m = model.get_submodule(n)
+        weight = (m.base_layer if isinstance(m, LoRALinear) else m).weight
+        numel += config.rank_and_alpha(n)[0] * (weight.shape[0] + weight.shape[1])
+    check_fits("LoRAConfig.r (with rank_pattern)", numel, weight.element_size(), weight.device)
     for n in names:
         m = model.get_submodule(n)
         if not isinstance(m, LoRALinear):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import _validate as V
+
 PROMPT_INITS = ("random", "text")
 
 
-def _positive_int(value, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{field} must be a positive int, got {value!r}")
+def _positive_int(value, field: str, cls: str) -> None:
+    try:
+        V.integer(cls, field, value)
+    except TypeError as e:  # a wrong type is a wrong value here (these configs raise ValueError)
+        raise ValueError(str(e)) from None
 
 
 @dataclass
@@ -36,8 +40,8 @@ class PromptTuningConfig:
     tokenizer_name_or_path: str | None = None
 
     def __post_init__(self):
-        _positive_int(self.num_virtual_tokens, "num_virtual_tokens")
-        if self.init not in PROMPT_INITS:
+        _positive_int(self.num_virtual_tokens, "num_virtual_tokens", "PromptTuningConfig")
+        if not isinstance(self.init, str) or self.init not in PROMPT_INITS:
             raise ValueError(f"init must be one of {PROMPT_INITS}, got {self.init!r}")
         if self.init == "text":
             if not isinstance(self.init_text, str) or not self.init_text.strip():
@@ -50,6 +54,8 @@ class PromptTuningConfig:
         elif self.init_text is not None:
             # Most likely a forgotten init="text": the text would be silently ignored otherwise.
             raise ValueError(f"init_text is only used with init='text', but init={self.init!r}")
+        if self.init_text is not None and (not isinstance(self.init_text, str) or len(self.init_text) > 1 << 20):
+            raise ValueError(f"init_text must be a string of at most 1 MiB, got {type(self.init_text).__name__}")
         if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
             raise ValueError(f"tokenizer_name_or_path must be a string path, got {self.tokenizer_name_or_path!r}")
 
@@ -77,7 +83,7 @@ class PrefixTuningConfig:
     position_offset: bool = True
 
     def __post_init__(self):
-        _positive_int(self.num_virtual_tokens, "num_virtual_tokens")
+        _positive_int(self.num_virtual_tokens, "num_virtual_tokens", "PrefixTuningConfig")
         if not isinstance(self.projection, bool):
             raise TypeError(f"projection must be a bool, got {self.projection!r}")
         if not isinstance(self.position_offset, bool):
@@ -85,4 +91,4 @@ class PrefixTuningConfig:
         if self.encoder_hidden_size is not None:
             if not self.projection:
                 raise ValueError("encoder_hidden_size is only used with projection=True")
-            _positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+            _positive_int(self.encoder_hidden_size, "encoder_hidden_size", "PrefixTuningConfig")

@@ -20,6 +20,7 @@ import re
 from torch import nn
 
 from ...layers.prompt import SLOT, PrefixEncoder, register_implementations, wrap_config
+from .._validate import check_fits
 from .config import PrefixTuningConfig
 from .prompt import existing_host, find_transformers_model
 
@@ -79,6 +80,18 @@ def _shapes(tm: nn.Module) -> tuple[int, int, int]:
     return n_kv, head_dim, hidden
 
 
+def _check_size(config: PrefixTuningConfig, layers: int, n_kv: int, head_dim: int, hidden: int, w) -> None:
+    """Refuse, before anything is allocated, a prefix whose parameters cannot fit in memory."""
+    p, row = config.num_virtual_tokens, layers * 2 * n_kv * head_dim
+    if config.projection:
+        enc = config.encoder_hidden_size or hidden
+        numel = p * hidden + hidden * enc + enc + enc * row + row
+    else:
+        numel = p * row
+    check_fits("PrefixTuningConfig.num_virtual_tokens" + (", encoder_hidden_size" if config.projection else ""),
+               numel, 4 if w is None else w.element_size(), None if w is None else w.device)
+
+
 def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, name: str) -> list[str]:
     """Add prefix ``name`` to ``model``; returns the qualified name of the prefix host.
 
@@ -118,8 +131,9 @@ def inject_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, name: str
         impl = c._attn_implementation
         if impl not in (None, "eager", "sdpa") and not str(impl).startswith("peftcore_prefix_"):
             wrap_config(c)  # raises the error naming the implementation
+    n_kv, head_dim, hidden = _shapes(tm)
+    _check_size(config, len(found), n_kv, head_dim, hidden, next((p for p in tm.parameters()), None))
     if host is None:
-        n_kv, head_dim, hidden = _shapes(tm)
         register_implementations()
         host = PrefixEncoder(len(found), n_kv, head_dim, hidden)
         host.configs = configs

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...layers.prompt import PromptEmbeddings
+from .._validate import check_fits
 from .config import PromptTuningConfig
 
 PROMPT_ATTR = "peftcore_prompt"  # where the PromptEmbeddings host lives on the transformers model
@@ -79,6 +80,8 @@ def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig, name: str
     hidden = emb.weight.shape[1]
     host = existing_host(tm, PROMPT_ATTR, PromptEmbeddings, name, "prompt tuning")
     p = config.num_virtual_tokens
+    # The init tensor and the parameter copied from it: twice p x hidden.
+    check_fits("PromptTuningConfig.num_virtual_tokens", 2 * p * hidden, emb.weight.element_size(), emb.weight.device)
     # Saved weights replace the initialization on load: skip the tokenizer there (see _from_json).
     if config.init == "text" and not getattr(config, "_weights_follow", False):
         weight = text_init(config, emb)
