@@ -64,6 +64,24 @@ class OpSpec:
     dtypes: dict[str, tuple[torch.dtype, ...]]  # backend -> dtypes it accepts
     defaults: dict[str, tuple[str, ...]]  # device type -> preference order
     why_default: dict[str, str] = field(default_factory=dict)  # device type -> the measurement
+    # backend -> limits(sizes) -> None or why these sizes are outside what the backend takes; the
+    # op passes its sizes (e.g. ``rank=``) to select(), which then falls back to the next backend
+    # (or, for a backend asked for by name, says why not).
+    limits: dict[str, Callable[[dict], str | None]] = field(default_factory=dict)
+
+
+NATIVE_MAX_RANK = 1 << 20  # the rank peftcore._C's kernels take (their workspaces index with int32)
+TRITON_MAX_RANK = 1024  # the Triton kernels hold a [BLOCK, next_pow2(r)] tile in registers
+
+
+def rank_limit(most: int) -> Callable[[dict], str | None]:
+    """A ``limits`` entry: the op's ``rank`` size must be <= ``most``."""
+
+    def check(sizes: dict) -> str | None:
+        r = sizes.get("rank")
+        return None if r is None or r <= most else f"rank r={r} is above the {most} this backend takes"
+
+    return check
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -85,8 +103,10 @@ def _load_builtin_ops() -> None:
     importlib.import_module("peftcore.ops")
 
 
-def why_not(op: str, backend: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
-    """None when ``backend`` can run ``op`` on this device and dtype, else the reason."""
+def why_not(op: str, backend: str, device: torch.device | str, dtype: torch.dtype,
+            sizes: dict | None = None) -> str | None:
+    """None when ``backend`` can run ``op`` on this device and dtype (and these ``sizes``, when
+    given: what the op's ``limits`` check), else the reason."""
     spec = _OPS[op]
     device = torch.device(device)
     if backend not in spec.modules:
@@ -94,6 +114,10 @@ def why_not(op: str, backend: str, device: torch.device | str, dtype: torch.dtyp
     if dtype not in spec.dtypes[backend]:
         names = ", ".join(str(d).replace("torch.", "") for d in spec.dtypes[backend])
         return f"{backend} takes {names}, got {str(dtype).replace('torch.', '')}"
+    if sizes and backend in spec.limits:
+        reason = spec.limits[backend](sizes)
+        if reason:
+            return reason
     if backend == "reference":
         return None
     if backend == "triton":
@@ -116,24 +140,26 @@ def why_not(op: str, backend: str, device: torch.device | str, dtype: torch.dtyp
     return f"unknown backend {backend!r}"
 
 
-def select(op: str, device: torch.device | str, dtype: torch.dtype, backend: str | None = None) -> str:
-    """Name of the backend that runs ``op`` for inputs on ``device`` of ``dtype``."""
+def select(op: str, device: torch.device | str, dtype: torch.dtype, backend: str | None = None,
+           sizes: dict | None = None) -> str:
+    """Name of the backend that runs ``op`` for inputs on ``device`` of ``dtype`` (and ``sizes``,
+    checked against each backend's limits)."""
     spec = _OPS[op]
     device = torch.device(device)
     requested = backend or os.environ.get("PEFTCORE_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
-        reason = why_not(op, requested, device, dtype)
+        reason = why_not(op, requested, device, dtype, sizes)
         if reason:
             raise BackendUnavailable(f"{op}: backend {requested!r} unavailable: {reason}")
         return requested
     order = spec.defaults.get(device.type, ("reference",))
     for i, name in enumerate(order):
-        reason = why_not(op, name, device, dtype)
+        reason = why_not(op, name, device, dtype, sizes)
         if reason is None:
             return name
-        key = (op, name, device.type, dtype)
+        key = (op, name, device.type, dtype, reason)
         if key not in _warned:
             _warned.add(key)
             nxt = order[i + 1] if i + 1 < len(order) else "none"

@@ -19,10 +19,12 @@ from .layers.base import AdapterHost, Stack, filter_spec
 from .layers.lora import LoRALinear
 from .layers.saved import ModulesToSave
 from .tuners import method_for_config
+from .transaction import transaction
 from .tuners.lora import LoRAConfig
 
 _CONFIGS = "_peftcore_configs"
 _ACTIVE = "_peftcore_active"
+_BASE_GRAD = "_peftcore_base_requires_grad"  # [(parameter, requires_grad)] before the first adapter
 BASE = "__base__"  # in adapter_batch: this example runs the base model alone
 
 
@@ -57,6 +59,10 @@ def apply(model: nn.Module, config, name: str = "default", activate: bool = True
     every other adapter is frozen); with ``activate`` the new adapter becomes the active one.  The
     new modules take the train/eval mode of the modules they go into (a model in ``eval()`` runs
     no adapter dropout until ``model.train()``).
+
+    All or nothing: if anything fails (a config the model cannot take, memory), the model is left
+    exactly as it was (modules, hooks, state-dict keys, ``requires_grad``; see
+    :mod:`peftcore.transaction`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -65,16 +71,26 @@ def apply(model: nn.Module, config, name: str = "default", activate: bool = True
     if name in adapter_configs(model):
         raise ValueError(f"model already has an adapter named {name!r}")
     method = method_for_config(config)
-    before = {id(m) for m in model.modules()}
-    targets = method.inject(model, config, name)
-    take_host_mode(model, before)
-    install_save_pretrained(model)  # save_pretrained writes the adapters too (PEFT's layout)
-    _set_configs(model, {**adapter_configs(model), name: config})
-    object.__setattr__(model, "_peftcore_targets", {**getattr(model, "_peftcore_targets", {}), name: targets})
-    train_adapter(model, name)
-    if activate:
-        set_active(model, name)
+    with transaction(model):
+        if not adapter_configs(model):  # what delete_adapter of the last adapter gives back
+            object.__setattr__(model, _BASE_GRAD, [(p, p.requires_grad) for p in model.parameters()])
+        before = {id(m) for m in model.modules()}
+        targets = method.inject(model, config, name)
+        take_host_mode(model, before)
+        install_save_pretrained(model)  # save_pretrained writes the adapters too (PEFT's layout)
+        _set_configs(model, {**adapter_configs(model), name: config})
+        object.__setattr__(model, "_peftcore_targets", {**getattr(model, "_peftcore_targets", {}), name: targets})
+        train_adapter(model, name)
+        if activate:
+            set_active(model, name)
     return model
+
+
+def _restore_base_grad(model: nn.Module) -> None:
+    """The last adapter is gone: every base parameter gets back the requires_grad it had before
+    the first adapter was applied."""
+    for p, flag in model.__dict__.pop(_BASE_GRAD, []):
+        p.requires_grad_(flag)
 
 
 def take_host_mode(model: nn.Module, before: set[int]) -> None:
@@ -96,8 +112,12 @@ def take_host_mode(model: nn.Module, before: set[int]) -> None:
     visit(model, model.training)
 
 
-def _names(names) -> list[str]:
-    return [names] if isinstance(names, str) else list(names)
+def _names(names, what: str = "names") -> list[str]:
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        return list(names)
+    raise TypeError(f"{what} must be an adapter name, a list of names or a Stack, got {names!r}")
 
 
 def _check_known(model: nn.Module, names) -> None:
@@ -139,6 +159,10 @@ def set_active(model: nn.Module, names) -> None:
     """
     spec = names if isinstance(names, Stack) else _names(names)
     _check_known(model, spec)
+    # A merged adapter is part of the base weight: one that is no longer active is unmerged first
+    # (PEFT's set_adapter does the same), so the forward runs exactly the adapters named.
+    for _, layer in lora_layers(model):
+        layer.unmerge([n for n in layer.merged if n not in spec])
     for _, host in hosts(model):
         host.set_active(filter_spec(spec, host.adapter_names()))
     object.__setattr__(model, _ACTIVE, spec)
@@ -192,8 +216,12 @@ def merge(model: nn.Module, names=None) -> nn.Module:
         names = _names(names)
         _check_known(model, names)
         _lora_only(model, names, "merge")
-    for _, layer in lora_layers(model):
-        layer.merge(None if names is None else [n for n in names if n in layer.lora_A])
+    layers = [(layer, None if names is None else [n for n in names if n in layer.lora_A])
+              for _, layer in lora_layers(model)]
+    for layer, here in layers:  # every layer checked before any weight changes
+        layer.to_merge(here)
+    for layer, here in layers:
+        layer.merge(here)
     return model
 
 
@@ -206,23 +234,32 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; a host left with no adapter leaves the model (LoRA layers become
-    their original modules again, hooks are removed)."""
+    their original modules again, hooks are removed).  Once the last adapter is gone every base
+    parameter has the ``requires_grad`` it had before the first :func:`apply`.  All or nothing:
+    on any error (a merged adapter must be unmerged first) the model is unchanged."""
     if name not in adapter_configs(model):
         raise KeyError(f"model has no adapter named {name!r}")
-    for path, host in list(hosts(model)):
-        if name in host.adapter_names():
-            host.delete_adapter(name)
-            if not host.has_adapters():
-                host.detach_from(model, path)
-    configs = dict(adapter_configs(model))
-    del configs[name]
-    _set_configs(model, configs)
-    spec = getattr(model, _ACTIVE, None)
-    if spec is not None and name in spec:
-        kept = [n for n in spec if n != name]
-        object.__setattr__(model, _ACTIVE, Stack(*kept) if isinstance(spec, Stack) and kept else kept)
-    if not configs:
-        uninstall_save_pretrained(model)
+    with transaction(model):
+        for path, host in list(hosts(model)):
+            if name in host.adapter_names():
+                host.delete_adapter(name)
+                if not host.has_adapters():
+                    host.detach_from(model, path)
+        configs = dict(adapter_configs(model))
+        del configs[name]
+        _set_configs(model, configs)
+        targets = dict(getattr(model, "_peftcore_targets", {}))
+        targets.pop(name, None)
+        object.__setattr__(model, "_peftcore_targets", targets)
+        spec = getattr(model, _ACTIVE, None)
+        if spec is not None and name in spec:
+            kept = [n for n in spec if n != name]
+            object.__setattr__(model, _ACTIVE, Stack(*kept) if isinstance(spec, Stack) and kept else kept)
+        if not configs:  # the model is a plain model again
+            for attr in (_CONFIGS, _ACTIVE, "_peftcore_targets"):
+                model.__dict__.pop(attr, None)
+            uninstall_save_pretrained(model)
+            _restore_base_grad(model)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -243,6 +280,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             f"merge_and_unload folds LoRA adapters into weights; adapter {other[0]!r} is a "
             f"{type(configs[other[0]]).__name__} adapter, which no weight can hold: delete it first"
         )
+    for _, layer in lora_layers(model):  # every layer checked before any weight changes
+        layer.to_merge()
     for path, host in list(hosts(model)):
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -254,6 +293,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for attr in (_CONFIGS, _ACTIVE, "_peftcore_targets"):
         model.__dict__.pop(attr, None)
     uninstall_save_pretrained(model)
+    _restore_base_grad(model)
     return model
 
 
@@ -277,7 +317,9 @@ def adapter_batch(model: nn.Module, names):
     For serving: the stacks are copies made on entry (no gradient reaches the adapters, no dropout),
     and merged adapters are refused.  Adapters of other kinds keep their usual activation.
     """
-    names = [BASE if n is None else n for n in _names(names)]
+    if isinstance(names, (list, tuple)):
+        names = [BASE if n is None else n for n in names]
+    names = _names(names)
     if not names:
         raise ValueError("adapter_batch needs one adapter name per example, got an empty list")
     used = [n for n in dict.fromkeys(names) if n != BASE]

@@ -143,7 +143,7 @@ def _good():
         (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, r"x must be a floating-point tensor"),
         (dict(lora_b=torch.randn(6, 2, device="meta")), ValueError, r"lora_b is on meta but x is on cpu"),
         (dict(weight=torch.randn(6, 8, 1)), ValueError, r"weight must be 2-D"),
-        (dict(scaling=torch.tensor(1.0)), TypeError, r"scaling must be a Python float"),
+        (dict(scaling=torch.tensor(1.0)), TypeError, r"scaling must be a real Python float"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, err, match):

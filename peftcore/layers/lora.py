@@ -16,6 +16,7 @@ from torch import nn
 
 from ..ops.lora import lora_linear
 from ..ops.lora_mixed import lora_mixed_linear
+from ..transaction import before_inplace
 from .base import AdapterHost, accept_plain_keys, check_active
 
 
@@ -158,6 +159,7 @@ class LoRALinear(nn.Module, AdapterHost):
     def _add_to_base(self, delta_out_in: torch.Tensor) -> None:
         w = self.base_layer.weight
         d = delta_out_in.t() if self.fan_in_fan_out else delta_out_in
+        before_inplace(w)  # inside apply/load/delete: kept for the undo
         w.copy_((w.float() + d).to(w.dtype))
 
     def stack_adapters(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,25 +182,32 @@ class LoRALinear(nn.Module, AdapterHost):
         if lb is None:
             return
         bias = self.base_layer.bias
+        before_inplace(bias)
         bias.copy_((bias.float() + sign * self.scaling[name] * lb.float()).to(bias.dtype))
 
-    def merge(self, names: list[str] | None = None) -> None:
-        """Fold the adapters into the base weight (default: the active ones not yet merged)."""
+    def to_merge(self, names: list[str] | None = None) -> list[str]:
+        """The adapters :meth:`merge` would fold in (default: the active ones not yet merged),
+        after checking each can be: what :func:`peftcore.merge` checks on every layer first."""
         names = [n for n in (names if names is not None else self.active) if n not in self.merged]
         for name in names:
             if self.lora_B[name].bias is not None and self.base_layer.bias is None:
                 raise ValueError(f"adapter {name!r} has a lora_bias but the base layer has no bias to merge it into")
-        for name in names:
+        return names
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the adapters into the base weight (default: the active ones not yet merged)."""
+        for name in self.to_merge(names):
             self._add_to_base(self.delta_weight(name))
             self._add_bias(name, 1.0)
             self.merged.append(name)
 
-    def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight again."""
-        while self.merged:
-            name = self.merged.pop()
-            self._add_to_base(-self.delta_weight(name))
-            self._add_bias(name, -1.0)
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Subtract the merged adapters ``names`` (default: every merged one) from the base weight again."""
+        for name in reversed(list(self.merged)):
+            if names is None or name in names:
+                self._add_to_base(-self.delta_weight(name))
+                self._add_bias(name, -1.0)
+                self.merged.remove(name)
 
     def dropout_p(self, name: str) -> float:
         """The dropout probability adapter ``name`` applies now: its ``nn.Dropout``'s ``p`` in
@@ -208,6 +217,12 @@ class LoRALinear(nn.Module, AdapterHost):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            # nn.Linear refuses integer input too; the adapter must not cast it to the weight's dtype
+            raise TypeError(
+                f"LoRALinear input must be a floating-point tensor, got "
+                f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         names = [] if self.disabled else [n for n in self.active if n not in self.merged]
         if self.disabled and self.merged:
             raise RuntimeError("adapters are merged into the base weight: unmerge before disabling them")

@@ -22,6 +22,32 @@ def check_floats(*named: tuple[str, object]) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_scale(name: str, value) -> float:
+    """``value`` as a float: a real Python number (not bool, complex or a tensor) that is finite and
+    within float32's range, where every backend computes it (so no backend returns NaN/inf for it
+    while another raises).  Returns ``float(value)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real Python float, got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite and within float32's range (|{name}| <= {FLOAT32_MAX:.4g}), got {value!r}")
+    return v
+
+
+def check_real_floats(name: str, t) -> None:
+    """``t`` is a real floating-point tensor (not complex, not integer)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+
+
 def weight_shape(weight: torch.Tensor) -> tuple[int, int]:
     """``(out, in)`` of a base layer's ``weight``, which must be 2-D ``[out, in]``."""
     if weight.dim() != 2:

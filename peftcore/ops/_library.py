@@ -84,13 +84,20 @@ def autocast(name: str, policy: str, keep: tuple[int, ...] = ()) -> None:
 
 
 def autocasting(t: torch.Tensor) -> bool:
-    """Whether autocast is on for ``t``'s device type (inputs of mixed dtypes are then legal)."""
-    return torch.is_autocast_enabled(t.device.type)
+    """Whether autocast is on for ``t``'s device type (inputs of mixed dtypes are then legal).
+
+    False on device types autocast does not know (``meta``: shape inference runs the op's fake
+    implementation, as it runs ``F.linear``'s)."""
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:
+        return False
 
 
-def implementation(op: str, like: torch.Tensor, backend: str | None):
-    """The backend module that runs ``op`` on tensors like ``like`` (called inside the op, at run time)."""
-    return backends.implementation(op, backends.select(op, like.device, like.dtype, backend))
+def implementation(op: str, like: torch.Tensor, backend: str | None, **sizes):
+    """The backend module that runs ``op`` on tensors like ``like`` and of these ``sizes`` (called
+    inside the op, at run time)."""
+    return backends.implementation(op, backends.select(op, like.device, like.dtype, backend, sizes))
 
 
 def no_aux_grads(ctx, aux) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference.rng import check_seed, dropout_threshold, new_seed
-from ._checks import as_rows, check_backend, check_bias, check_floats, check_like_x, weight_shape
+from ._checks import as_rows, check_backend, check_bias, check_floats, check_like_x, check_scale, weight_shape
 from ._library import no_aux_grads, absent, autocast, autocasting, implementation, optional, present
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,6 +37,11 @@ SPEC = backends.register(
             "cuda": FLOATS,
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
+        limits={
+            "triton": backends.rank_limit(backends.TRITON_MAX_RANK),
+            "cpp": backends.rank_limit(backends.NATIVE_MAX_RANK),
+            "cuda": backends.rank_limit(backends.NATIVE_MAX_RANK),
+        },
         why_default={
             "cpu": "cpp: fwd+bwd 1.12x the frozen linear vs reference 7.1x at p=0.1, 1.15x vs 1.19x at p=0 "
             "(fp32, 2048x1024->1024, r=16, AMD EPYC 2 threads; benchmarks/results/lora_cpu.md); bf16 (CPU autocast): "
@@ -55,7 +60,7 @@ def _lora_linear_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y [M, N], xa [M, R], seed)`` on 2-D x; seed < 0 with p > 0 draws one (inside the op: no
     host sync in the traced path, and compiled and eager runs draw the same)."""
-    impl = implementation("lora_linear", x, backend)
+    impl = implementation("lora_linear", x, backend, rank=lora_a.shape[0])
     if p > 0.0 and seed < 0:
         seed = new_seed()
     y, xa = impl.lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, max(seed, 0))
@@ -75,7 +80,7 @@ def _lora_linear_backward_op(
     p: float, seed: Tensor, needs: list[bool], backend: Optional[str],
 ) -> list[Tensor]:
     """``[dx, dweight, dbias, da, db]``; an entry not in ``needs`` is an empty tensor."""
-    impl = implementation("lora_linear", x, backend)
+    impl = implementation("lora_linear", x, backend, rank=lora_a.shape[0])
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     grads = impl.lora_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, int(seed), tuple(needs))
     return [present(g, x) for g in grads]
@@ -125,8 +130,7 @@ def _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p):
         raise ValueError(f"lora_b must be [out={out_f}, r={r}], got shape {tuple(lora_b.shape)}")
     check_bias(bias, out_f)
     check_like_x(x, same_dtype=not autocasting(x), weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
-    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    check_scale("scaling", scaling)
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     dropout_threshold(float(dropout_p))
@@ -153,7 +157,9 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=No
     _check(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     check_backend(backend)
     p = float(dropout_p)
-    seed = 0 if p == 0.0 else (-1 if seed is None else check_seed(seed))
+    if seed is not None:
+        check_seed(seed)  # checked even when p == 0 makes it unused: a wrong seed is a wrong call
+    seed = 0 if p == 0.0 else (-1 if seed is None else seed)
     x2, lead = as_rows(x)
     y2 = _lora_linear_op(x2, weight, bias, lora_a, lora_b, float(scaling), p, seed, backend)[0]
     return y2.reshape(*lead, weight.shape[0])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference.lora_mixed import lora_mixed_bwd
-from ._checks import as_rows, check_backend, check_bias, check_floats, check_like_x, weight_shape
+from ._checks import as_rows, check_backend, check_bias, check_floats, check_like_x, check_real_floats, weight_shape
 from ._library import absent, autocast, autocasting, implementation, optional, present
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,6 +36,11 @@ SPEC = backends.register(
             "cuda": FLOATS,
         },
         defaults={"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")},
+        limits={
+            "triton": lambda s: _kernel_limits(s, backends.TRITON_MAX_RANK),
+            "cpp": lambda s: _kernel_limits(s, backends.NATIVE_MAX_RANK),
+            "cuda": lambda s: _kernel_limits(s, backends.NATIVE_MAX_RANK),
+        },
         why_default={
             "cpu": "cpp: forward 1.09-1.26x faster than the reference loop over adapters, 1.08-1.14x the base "
             "linear alone (fp32, 1024->1024, r 16, 4-16 adapters, AMD EPYC 2 threads; "
@@ -44,6 +49,13 @@ SPEC = backends.register(
         },
     )
 )
+
+
+def _kernel_limits(sizes: dict, max_rank: int) -> str | None:
+    """The kernels take one adapter or more (with none, every row runs the base: the reference)."""
+    if sizes.get("adapters", 1) < 1:
+        return "the kernels need at least one adapter (with none every row runs the base layer alone)"
+    return backends.rank_limit(max_rank)(sizes)
 
 
 def _check_index_range(rows: Tensor, num_adapters: int) -> None:
@@ -63,7 +75,7 @@ def _lora_mixed_op(
 ) -> Tensor:
     """y ``[M, out]`` on 2-D x with one adapter index per row (int32 ``rows``)."""
     _check_index_range(rows, lora_a.shape[0])
-    impl = implementation("lora_mixed", x, backend)
+    impl = implementation("lora_mixed", x, backend, rank=lora_a.shape[1], adapters=lora_a.shape[0])
     if impl.__name__ != "peftcore.reference.lora_mixed":
         lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
     return impl.lora_mixed_fwd(x, weight, bias, lora_a, lora_b, scaling, rows)
@@ -128,6 +140,7 @@ def _check(x, weight, bias, lora_a, lora_b, scaling, adapter_index):
     check_like_x(x, same_dtype=not autocasting(x), weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     if not isinstance(scaling, torch.Tensor) or scaling.dim() != 1 or scaling.shape[0] != j:
         raise ValueError(f"scaling must be a 1-D tensor of {j} floats (one per adapter), got {scaling!r}")
+    check_real_floats("scaling", scaling)
     if not isinstance(adapter_index, torch.Tensor) or adapter_index.dim() != 1:
         raise ValueError("adapter_index must be a 1-D integer tensor with one entry per example")
     if adapter_index.dtype not in (torch.int32, torch.int64):
