@@ -32,6 +32,7 @@ from torch import nn
 
 from . import distributed
 from .model import adapter_configs, apply, delete_adapter, hosts, lora_layers
+from .transaction import before_inplace, transaction
 from .tuners import method_for_config, method_for_type
 from .tuners.lora import LoRAConfig
 
@@ -440,16 +441,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     config, tensors = read_adapter(path)
     cfg_file, source = str(Path(path) / CONFIG_NAME), str(Path(path) / WEIGHTS_NAME)
     existing = adapter_configs(model).get(name)
-    if existing is None:
-        _inject(model, config, name, activate, cfg_file)
-        try:
-            pairs = _match_keys(model, name, tensors, source)
-            distributed.copy_into(pairs)  # a sharded (FSDP2) target keeps its own slice
-        except BaseException:
-            delete_adapter(model, name)
-            raise
-        return model
-    if not replace:
+    if existing is not None and not replace:
         diff = _config_differences(model, name, existing, config)
         if diff:
             raise ValueError(
@@ -457,9 +449,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 f"({'; '.join(diff)}): pass replace=True to replace it by the file's adapter, or load it under "
                 f"another name"
             )
-        distributed.copy_into(_match_keys(model, name, tensors, source))
-        return model
-    _replace(model, name, config, tensors, activate, cfg_file, source)
+    if existing is not None and replace:
+        for c in (config, existing):
+            if isinstance(c, LoRAConfig) and c.init.startswith("pissa"):
+                raise ValueError(f"{cfg_file}: replace=True with a PiSSA adapter (it rewrites the base weights) is not "
+                                 f"supported: load it into a fresh model")
+    # All or nothing (peftcore.transaction): on any error below, the modules, hooks, requires_grad
+    # flags and the old adapter's own parameter objects and values are back as they were.
+    with transaction(model):
+        if existing is not None and replace:
+            delete_adapter(model, name)
+        if existing is None or replace:
+            _inject(model, config, name, activate, cfg_file)
+        pairs = _match_keys(model, name, tensors, source)
+        for target, _ in pairs:  # weights written in place are kept for the undo (adapter-sized)
+            before_inplace(target)
+        distributed.copy_into(pairs)  # a sharded (FSDP2) target keeps its own slice
     return model
 
 
@@ -468,43 +473,3 @@ def _inject(model: nn.Module, config, name: str, activate: bool, cfg_file: str) 
         apply(model, method_for_config(config).for_load(config), name=name, activate=activate)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{cfg_file}: {e}") from e
-
-
-def _replace(model: nn.Module, name: str, config, tensors: dict, activate: bool, cfg_file: str, source: str) -> None:
-    """``load_adapter(..., replace=True)``: the file's adapter instead of ``name``, or, on any error,
-    the old adapter as it was (config, weights, activation, trainable flags)."""
-    from .model import active_adapters, set_active
-
-    for c in (config, adapter_configs(model)[name]):
-        if isinstance(c, LoRAConfig) and c.init.startswith("pissa"):
-            raise ValueError(f"{cfg_file}: replace=True with a PiSSA adapter (it rewrites the base weights) is not "
-                             f"supported: load it into a fresh model")
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    spec = active_adapters(model)
-
-    def restore_flags():
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-    # First prove the file's adapter fits this model, beside the old one under a scratch name.
-    scratch = f"{name}__peftcore_replacing"
-    _inject(model, config, scratch, False, cfg_file)
-    try:
-        _match_keys(model, scratch, tensors, source)
-    finally:
-        delete_adapter(model, scratch)
-        restore_flags()
-    old_config = adapter_configs(model)[name]
-    old = {k: v.detach().clone() for k, v in adapter_parameters(model, name).items()}
-    delete_adapter(model, name)
-    try:
-        _inject(model, config, name, activate, cfg_file)
-        distributed.copy_into(_match_keys(model, name, tensors, source))
-    except BaseException:
-        if name in adapter_configs(model):
-            delete_adapter(model, name)
-        apply(model, method_for_config(old_config).for_load(old_config), name=name, activate=False)
-        distributed.copy_into((adapter_parameters(model, name)[k], v) for k, v in old.items())
-        restore_flags()
-        set_active(model, spec)
-        raise

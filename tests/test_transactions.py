@@ -195,3 +195,14 @@ def test_merge_checks_every_layer_before_changing_any():
     with pytest.raises(ValueError, match="no bias"):
         pc.merge_and_unload(model)
     assert_same(before, snapshot(model))
+
+
+def test_reference_model_leaves_the_policy_base_frozen():
+    """reference_model deletes the adapters of a copy that shares model's parameters: the base
+    requires_grad that the last delete restores must not reach model's frozen base."""
+    model, _ = tiny_model("bert")
+    pc.apply(model, pc.LoRAConfig(r=2, target_modules=["query"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    ref = pc.reference_model(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert not any(p.requires_grad for p in ref.parameters())

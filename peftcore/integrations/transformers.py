@@ -132,13 +132,16 @@ def reference_model(model: nn.Module) -> nn.Module:
     parameters and buffers *are* ``model``'s tensors, with every adapter removed: the frozen base
     the adapters started from.  Merged LoRA adapters are refused (they are inside the weights).
     """
-    from ..model import adapter_configs, delete_adapter, lora_layers
+    from ..model import _BASE_GRAD, adapter_configs, delete_adapter, lora_layers
 
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError("reference_model needs unmerged adapters (merged ones are inside the base weights): "
                          "call peftcore.unmerge(model) first")
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     ref = copy.deepcopy(model, memo=dict(shared))
+    # The parameters are model's own: deleting ref's last adapter must not hand them back the
+    # requires_grad they had before apply (that would unfreeze model's base).
+    ref.__dict__.pop(_BASE_GRAD, None)
     for name in list(adapter_configs(ref)):
         delete_adapter(ref, name)
     uninstall_save_pretrained(ref)
