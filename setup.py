@@ -3,7 +3,7 @@
 The extension is built by CMake (CMakeLists.txt, sources in csrc/) and is optional: when it cannot
 be built the package still installs (pure Python, ops run on the reference path) and the reason is
 written to ``peftcore/_build_info.json``, which ``peftcore info`` prints.  torch is never imported
-here: the extension takes raw pointers and links no libtorch.
+here: the extension takes tensors as DLPack capsules and links no libtorch.
 
 Environment variables (all optional):
 
