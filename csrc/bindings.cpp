@@ -51,6 +51,7 @@ DType cuda_dtype(unsigned dt) {
 
 void require_cuda(const Call& c) {
   if (!peftcore::cuda::compiled()) c.fail("peftcore._C was built without CUDA");
+  c.current_device();
 }
 
 void check_rank(const Call& c, int64_t R) {

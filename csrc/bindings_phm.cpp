@@ -122,6 +122,7 @@ void cuda_phm_fwd(py::handle x_, py::handle rule_, py::handle wl_, py::handle wr
   Call c("cuda_phm_fwd", true);
   Fwd d = fwd_args(c, x_, rule_, wl_, wr_, bias_, y_, t_, true);
   if (!peftcore::cuda::compiled()) c.fail("peftcore._C was built without CUDA");
+  c.current_device();
   py::gil_scoped_release nogil;
   peftcore::cuda::phm_fwd(cuda_dtype(d.x.dt), d.x.ptr<const void>(), d.ldx, d.rule.ptr<const void>(),
                           d.wl.ptr<const void>(), d.wr.ptr<const void>(), d.bias.ptr<const void>(), d.y.ptr<void>(),
@@ -223,6 +224,7 @@ void cuda_phm_bwd(py::handle dy_, py::handle x_, py::handle t_, py::handle rule_
   if (ws.present && reinterpret_cast<uintptr_t>(ws.data) % 4 != 0) c.fail("workspace must be 4-byte aligned");
   c.no_overlap(ws, {&d.dy, &d.x, &d.t, &d.rule, &d.wl, &d.wr, &d.dx, &d.drule, &d.dwl, &d.dwr, &d.dbias});
   if (!peftcore::cuda::compiled()) c.fail("peftcore._C was built without CUDA");
+  c.current_device();
   py::gil_scoped_release nogil;
   peftcore::cuda::phm_bwd(cuda_dtype(d.x.dt), d.dy.ptr<const void>(), d.lddy, d.x.ptr<const void>(), d.ldx,
                           d.t.ptr<const void>(), d.rule.ptr<const void>(), d.wl.ptr<const void>(),

@@ -15,6 +15,10 @@
 #include <string>
 #include <utility>
 
+#if defined(PEFTCORE_WITH_CUDA)
+extern "C" int cudaGetDevice(int* device);  // cudart, linked statically with the CUDA kernels
+#endif
+
 namespace peftcore {
 namespace dl {
 
@@ -190,6 +194,20 @@ class Call {
         fail(std::string(o.name) + " overlaps " + p->name + " in memory: the kernel writes " + o.name +
              " while it reads " + p->name + "; pass a separate output tensor");
     }
+  }
+
+  // CUDA calls, last check before a launch: the operands' device must be the current device (the
+  // kernels launch there).  Builds without CUDA have no runtime to ask and stop at require_cuda.
+  void current_device() const {
+#if defined(PEFTCORE_WITH_CUDA)
+    if (!cuda_ || dev_id_ < 0) return;
+    int cur = -1;
+    const int err = cudaGetDevice(&cur);
+    if (err != 0) fail("cannot query the current CUDA device (cudaError_t " + str(err) + ")");
+    if (cur != dev_id_)
+      fail("the operands are on cuda:" + str(dev_id_) + " but the current device is cuda:" + str(cur) +
+           " (call inside torch.cuda.device(...))");
+#endif
   }
 
   // Bytes of a contiguous scratch operand (0 when absent).

@@ -118,12 +118,29 @@ def test_valid_cpu_call_runs(name):
 
 @pytest.mark.parametrize("name", CUDA_BINDINGS)
 def test_valid_cuda_call_passes_the_checks(name):
-    """With consistent operands a cuda_* binding passes every check and stops only at the CUDA part."""
-    if _C().CUDA:
-        pytest.skip("this build has the CUDA kernels: a labelled host capsule would reach a kernel")
+    """With consistent operands a cuda_* binding passes every check and stops only at the CUDA part:
+    a build without it, or (built with it) a machine where the current device cannot be queried."""
+    if not _C().CUDA:
+        match = "built without CUDA"
+    elif not torch.cuda.is_available():
+        match = "cannot query the current CUDA device"
+    else:
+        pytest.skip("a GPU is visible: a labelled host capsule would reach a kernel")
     tensors, _, scalars = _specs()[name]
-    with pytest.raises(ValueError, match="built without CUDA"):
+    with pytest.raises(ValueError, match=match):
         _call(name, tensors, scalars)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CUDA_BINDINGS)
+def test_cuda_binding_refuses_operands_off_the_current_device(name):
+    reason = native.unavailable_reason(cuda=True)
+    if reason is not None:
+        pytest.skip(f"needs a CUDA GPU and the CUDA kernels: {reason}")
+    cur = torch.cuda.current_device()
+    tensors, _, scalars = _specs()[name]
+    with pytest.raises(ValueError, match=f"operands are on cuda:{cur + 1} but the current device is cuda:{cur}"):
+        _call(name, tensors, scalars, wrap=lambda t: dlc.cuda(t, cur + 1))  # refused before any launch
 
 
 # ------------------------------------------------------------------------------------------ per operand
