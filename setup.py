@@ -3,7 +3,7 @@
 The extension is built by CMake (CMakeLists.txt, sources in csrc/) and is optional: when it cannot
 be built the package still installs (pure Python, ops run on the reference path) and the reason is
 written to ``peftcore/_build_info.json``, which ``peftcore info`` prints.  torch is never imported
-here: the extension takes raw pointers and links no libtorch.
+here: the extension takes tensors as DLPack capsules and links no libtorch.
 
 Environment variables (all optional):
 
@@ -15,6 +15,8 @@ PEFTCORE_NATIVE_ARCH=0      compile the CPU kernels without -march=native (porta
 PEFTCORE_REQUIRE_EXT=1      fail the install instead of falling back when the build fails (CI)
 PEFTCORE_REQUIRE_CUDA=1     fail the install when nvcc is found but the CUDA kernels do not compile
 PEFTCORE_BUILD_JOBS         parallel compile jobs (default: CPU count)
+PEFTCORE_SANITIZE=address   compile the CPU code with -fsanitize=address (preload libasan to import
+                            it; .ci/asan does this in a temporary copy)
 CUDACXX / CUDA_HOME         where nvcc is
 ==========================  =====================================================================
 """
@@ -188,7 +190,7 @@ class CMakeBuild(build_ext):
             info["cuda_compiler"] = f"nvcc {cm.get('cuda_compiler_version', '')}".strip()
         elif not info["cuda_reason"]:
             info["cuda_reason"] = cm.get("cuda_reason") or "CMake did not enable CUDA"
-        for key in ("cxx_compiler", "openmp", "openmp_version", "march", "cmake_version"):
+        for key in ("cxx_compiler", "openmp", "openmp_version", "march", "cmake_version", "sanitize"):
             info[key] = cm.get(key)
 
     def _cmake(self, ext, nvcc: str | None) -> dict:
@@ -203,7 +205,8 @@ class CMakeBuild(build_ext):
         out_dir = out_path.parent
         out_dir.mkdir(parents=True, exist_ok=True)
         suffix = out_path.name[len(ext.name.split(".")[-1]) :]
-        build_dir = Path(self.build_temp).resolve() / ("cmake-cuda" if nvcc else "cmake-cpu")
+        sanitize = os.environ.get("PEFTCORE_SANITIZE", "").strip()
+        build_dir = Path(self.build_temp).resolve() / (("cmake-cuda" if nvcc else "cmake-cpu") + (f"-{sanitize}" if sanitize else ""))
         build_dir.mkdir(parents=True, exist_ok=True)
         info_file = build_dir / "peftcore_build.json"
         if info_file.exists():
@@ -219,6 +222,7 @@ class CMakeBuild(build_ext):
             f"-DPEFTCORE_EXT_SUFFIX={suffix}",
             f"-DPEFTCORE_INFO_FILE={info_file}",
             f"-DPEFTCORE_NATIVE_ARCH={'ON' if _flag('PEFTCORE_NATIVE_ARCH', True) else 'OFF'}",
+            f"-DPEFTCORE_SANITIZE={sanitize}",
         ]
         if nvcc:
             archs = os.environ.get("PEFTCORE_CUDA_ARCHS", "").strip().replace(",", ";") or DEFAULT_ARCHS

@@ -1,9 +1,13 @@
 // peftcore._C: pybind11 bindings of the CPU and CUDA kernels.
 //
-// Tensors cross as raw addresses (tensor.data_ptr()), sizes and strides, so the module never links
-// libtorch.  peftcore/native/lora.py checks dtype, device and layout before it passes an address;
-// the checks here catch what an address cannot show (null, misaligned, sizes and strides that do
-// not fit) with a ValueError instead of a crash.  The GIL is released while a kernel runs.
+// Tensors cross as DLPack capsules (torch.utils.dlpack.to_dlpack(t)), so the module links no
+// libtorch and still sees every operand's shape, strides, dtype and device.  Each binding derives
+// the kernel's sizes from the shapes and checks every operand before a kernel sees a pointer
+// (tensor_arg.h): dtype, device, dims, each shape against the others, unit column strides, rows of
+// outputs that do not overlap, dense layouts where the kernel indexes densely, alignment, non-null,
+// and no output sharing memory with another operand.  A failed check raises TypeError/ValueError
+// naming the binding and the argument.  The CUDA bindings check everything before they need the
+// CUDA part (a build without it answers only then).  The GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -17,11 +21,17 @@
 #include "lora_cuda.h"
 #include "lora_mixed_cpu.h"
 #include "lora_mixed_cuda.h"
-#include "phm_cpu.h"  // phm_linear: checked entry points of both backends
 #include "rng.h"
+#include "tensor_arg.h"
 
 namespace py = pybind11;
+using peftcore::arg::Arg;
+using peftcore::arg::Call;
+using peftcore::arg::str;
 using peftcore::cuda::DType;
+namespace A = peftcore::arg;
+
+void bind_phm(py::module_& m);  // bindings_phm.cpp
 
 #ifndef PEFTCORE_CXX_COMPILER
 #define PEFTCORE_CXX_COMPILER "unknown"
@@ -35,382 +45,438 @@ using peftcore::cuda::DType;
 
 namespace {
 
-[[noreturn]] void fail(const std::string& fn, const std::string& msg) {
-  throw py::value_error("peftcore._C." + fn + ": " + msg);
+DType cuda_dtype(unsigned dt) {
+  return dt == A::kF32 ? DType::kFloat32 : dt == A::kF16 ? DType::kFloat16 : DType::kBFloat16;
 }
 
-int64_t elem_size(const std::string& dtype) {
-  if (dtype == "float32") return 4;
-  if (dtype == "float64") return 8;
-  if (dtype == "float16" || dtype == "bfloat16") return 2;
-  return 0;
+void require_cuda(const Call& c) {
+  if (!peftcore::cuda::compiled()) c.fail("peftcore._C was built without CUDA");
+  c.current_device();
 }
 
-DType cuda_dtype(const std::string& fn, const std::string& dtype) {
-  if (dtype == "float32") return DType::kFloat32;
-  if (dtype == "float16") return DType::kFloat16;
-  if (dtype == "bfloat16") return DType::kBFloat16;
-  fail(fn, "CUDA kernels take float32, float16 or bfloat16, got '" + dtype + "'");
+void check_rank(const Call& c, int64_t R) {
+  if (R < 1 || R > (int64_t(1) << 20)) c.fail("rank R must be in [1, 2**20], got " + str(R));
 }
 
-void check_sizes(const std::string& fn, int64_t M, int64_t K, int64_t R) {
-  if (M < 0 || K < 0) fail(fn, "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K));
-  if (R < 1) fail(fn, "rank R must be >= 1, got " + std::to_string(R));
-  if (R > (int64_t(1) << 20)) fail(fn, "rank R=" + std::to_string(R) + " is out of range");
-}
-
-void check_rng(const std::string& fn, int64_t seed, int64_t threshold, double scale) {
-  if (seed < 0 || seed > int64_t(0xFFFFFFFF)) fail(fn, "seed must be in [0, 2**32), got " + std::to_string(seed));
+void check_rng(const Call& c, int64_t seed, int64_t threshold, double scale) {
+  if (seed < 0 || seed > int64_t(0xFFFFFFFF)) c.fail("seed must be in [0, 2**32), got " + str(seed));
   if (threshold < 0 || threshold > int64_t(peftcore::kThresholdMax))
-    fail(fn, "threshold must be in [0, 2**24] (dropout_threshold(p)), got " + std::to_string(threshold));
-  if (!std::isfinite(scale)) fail(fn, "scale must be finite");
+    c.fail("threshold must be in [0, 2**24] (dropout_threshold(p)), got " + str(threshold));
+  if (!std::isfinite(scale)) c.fail("scale must be finite");
 }
 
-// A pointer an operand of `count` elements may use: non-null when count > 0, aligned to its type.
-void check_ptr(const std::string& fn, const char* name, uintptr_t p, int64_t count, int64_t esize,
-               bool optional = false) {
-  if (p == 0) {
-    if (optional || count == 0) return;
-    fail(fn, std::string(name) + " is a null pointer");
-  }
-  if (esize > 0 && p % static_cast<uintptr_t>(esize) != 0)
-    fail(fn, std::string(name) + " is not aligned to its element size " + std::to_string(esize));
+void check_threads(const Call& c, int nthreads) {
+  if (nthreads < 0) c.fail("nthreads must be >= 0 (0: the module default), got " + str(nthreads));
 }
 
-// Row stride of a [M, K] operand with unit column stride; writable rows must not overlap.
-void check_ld(const std::string& fn, const char* name, int64_t ld, int64_t M, int64_t K, bool writable) {
-  if (ld < 0) fail(fn, std::string(name) + " row stride must be >= 0, got " + std::to_string(ld));
-  if (M > 1 && ld < K && (writable || ld != 0))
-    fail(fn, std::string(name) + " row stride " + std::to_string(ld) + " is smaller than K=" + std::to_string(K));
+void check_finite(const Call& c, const char* name, double v) {
+  if (!std::isfinite(v)) c.fail(std::string(name) + " must be finite");
 }
 
-template <typename T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
+// ---- LoRA dropout-masked projection -------------------------------------------------------------
+
+// x [M, K] (rows), a [R, K] (dense), xa [M, R] (dense, written).
+struct DownFwd {
+  Arg x, a, xa;
+  int64_t M, K, R, ldx;
+};
+
+DownFwd down_fwd_args(Call& c, py::handle x_, py::handle a_, py::handle xa_, unsigned dts) {
+  DownFwd d;
+  d.x = c.in("x", x_, 2, dts);
+  const unsigned dt = d.x.dt;
+  d.M = d.x.size(0);
+  d.K = d.x.size(1);
+  d.ldx = c.rows(d.x, false);
+  d.a = c.in("a", a_, 2, dt);
+  d.R = d.a.size(0);
+  check_rank(c, d.R);
+  c.shape(d.a, {d.R, d.K}, "[R, K]");
+  c.contiguous(d.a);
+  d.xa = c.out("xa", xa_, 2, dt);
+  c.shape(d.xa, {d.M, d.R}, "[M, R]");
+  c.contiguous(d.xa);
+  c.no_overlap(d.xa, {&d.x, &d.a});
+  return d;
 }
 
-void down_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t xa, int64_t M,
-              int64_t K, int64_t R, int64_t seed, int64_t threshold, double scale, int nthreads, uintptr_t y,
-              int64_t ldy, uintptr_t b, int64_t N, double scaling) {
-  const std::string fn = "down_fwd";
-  check_sizes(fn, M, K, R);
-  check_rng(fn, seed, threshold, scale);
-  const int64_t es = elem_size(dtype);
-  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
-  check_ptr(fn, "x", x, M * K, es);
-  check_ptr(fn, "a", a, R * K, es);
-  check_ptr(fn, "xa", xa, M * R, es);
-  check_ld(fn, "x", ldx, M, K, false);
-  if (y != 0) {
-    if (N < 0) fail(fn, "N must be >= 0, got " + std::to_string(N));
-    check_ptr(fn, "y", y, M * N, es);
-    check_ptr(fn, "b", b, N * R, es);
-    check_ld(fn, "y", ldy, M, N, true);
-    if (!std::isfinite(scaling)) fail(fn, "scaling must be finite");
+void down_fwd(py::handle x_, py::handle a_, py::handle xa_, int64_t seed, int64_t threshold, double scale,
+              int nthreads, py::handle y_, py::handle b_, double scaling) {
+  Call c("down_fwd", false);
+  check_rng(c, seed, threshold, scale);
+  check_threads(c, nthreads);
+  DownFwd d = down_fwd_args(c, x_, a_, xa_, A::kCpuFloat);
+  const unsigned dt = d.x.dt;
+  Arg y = c.out("y", y_, 2, dt, true);
+  Arg b = c.in("b", b_, 2, dt, true);
+  if (y.present != b.present) c.fail("y and b go together: pass both or neither");
+  int64_t N = 0, ldy = 0;
+  if (y.present) {
+    N = y.size(1);
+    c.shape(y, {d.M, N}, "[M, N]");
+    ldy = c.rows(y, true);
+    c.shape(b, {N, d.R}, "[N, R]");
+    c.contiguous(b);
+    check_finite(c, "scaling", scaling);
+    c.no_overlap(y, {&d.x, &d.a, &d.xa, &b});
+    c.no_overlap(d.xa, {&y, &b});
   }
   py::gil_scoped_release nogil;
-  if (es == 4)
-    peftcore::cpu::down_fwd<float>(ptr<const float>(x), ldx, ptr<const float>(a), ptr<float>(xa), M, K, R,
-                                   uint32_t(seed), uint32_t(threshold), scale, nthreads, ptr<float>(y), ldy,
-                                   ptr<const float>(b), N, scaling);
+  if (dt == A::kF32)
+    peftcore::cpu::down_fwd<float>(d.x.ptr<const float>(), d.ldx, d.a.ptr<const float>(), d.xa.ptr<float>(), d.M,
+                                   d.K, d.R, uint32_t(seed), uint32_t(threshold), scale, nthreads, y.ptr<float>(),
+                                   ldy, b.ptr<const float>(), N, scaling);
   else
-    peftcore::cpu::down_fwd<double>(ptr<const double>(x), ldx, ptr<const double>(a), ptr<double>(xa), M, K, R,
-                                    uint32_t(seed), uint32_t(threshold), scale, nthreads, ptr<double>(y), ldy,
-                                    ptr<const double>(b), N, scaling);
+    peftcore::cpu::down_fwd<double>(d.x.ptr<const double>(), d.ldx, d.a.ptr<const double>(), d.xa.ptr<double>(),
+                                    d.M, d.K, d.R, uint32_t(seed), uint32_t(threshold), scale, nthreads,
+                                    y.ptr<double>(), ldy, b.ptr<const double>(), N, scaling);
 }
 
-void check_bwd(const std::string& fn, int64_t es, uintptr_t g, uintptr_t a, uintptr_t x, int64_t ldx,
-               uintptr_t dx, int64_t lddx, uintptr_t da, int64_t M, int64_t K, int64_t R,
-               int64_t da_es) {
-  check_ptr(fn, "g", g, M * R, es);
-  if (dx != 0) {
-    check_ptr(fn, "a", a, R * K, es);
-    check_ptr(fn, "dx", dx, M * K, es, true);
-    check_ld(fn, "dx", lddx, M, K, true);
-  }
-  if (da != 0) {
-    check_ptr(fn, "x", x, M * K, es);
-    check_ptr(fn, "da", da, R * K, da_es, true);
-    check_ld(fn, "x", ldx, M, K, false);
-  }
+// g [M, R], a [R, K] (dense), x [M, K] (rows); dx [M, K] (rows, added into) and da [R, K] (dense,
+// in `da_dts`) optional outputs.
+struct DownBwd {
+  Arg g, a, x, dx, da;
+  int64_t M, K, R, ldx, lddx;
+};
+
+DownBwd down_bwd_args(Call& c, py::handle g_, py::handle a_, py::handle x_, py::handle dx_, py::handle da_,
+                      unsigned dts, bool da_fp32) {
+  DownBwd d;
+  d.x = c.in("x", x_, 2, dts);
+  const unsigned dt = d.x.dt;
+  d.M = d.x.size(0);
+  d.K = d.x.size(1);
+  d.ldx = c.rows(d.x, false);
+  d.a = c.in("a", a_, 2, dt);
+  d.R = d.a.size(0);
+  check_rank(c, d.R);
+  c.shape(d.a, {d.R, d.K}, "[R, K]");
+  c.contiguous(d.a);
+  d.g = c.in("g", g_, 2, dt);
+  c.shape(d.g, {d.M, d.R}, "[M, R]");
+  c.contiguous(d.g);
+  d.dx = c.out("dx", dx_, 2, dt, true);
+  c.shape(d.dx, {d.M, d.K}, "[M, K]");
+  d.lddx = d.dx.present ? c.rows(d.dx, true) : d.K;
+  d.da = c.out("da", da_, 2, da_fp32 ? unsigned(A::kF32) : dt, true);
+  c.shape(d.da, {d.R, d.K}, "[R, K]");
+  c.contiguous(d.da);
+  c.no_overlap(d.dx, {&d.g, &d.a, &d.x, &d.da});
+  c.no_overlap(d.da, {&d.g, &d.a, &d.x});
+  return d;
 }
 
-void down_bwd(const std::string& dtype, uintptr_t g, uintptr_t a, uintptr_t x, int64_t ldx, uintptr_t dx,
-              int64_t lddx, uintptr_t da, int64_t M, int64_t K, int64_t R, int64_t seed, int64_t threshold,
-              double scale, int nthreads) {
-  const std::string fn = "down_bwd";
-  check_sizes(fn, M, K, R);
-  check_rng(fn, seed, threshold, scale);
-  const int64_t es = elem_size(dtype);
-  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
-  check_bwd(fn, es, g, a, x, ldx, dx, lddx, da, M, K, R, es);
+void down_bwd(py::handle g_, py::handle a_, py::handle x_, py::handle dx_, py::handle da_, int64_t seed,
+              int64_t threshold, double scale, int nthreads) {
+  Call c("down_bwd", false);
+  check_rng(c, seed, threshold, scale);
+  check_threads(c, nthreads);
+  DownBwd d = down_bwd_args(c, g_, a_, x_, dx_, da_, A::kCpuFloat, false);
   py::gil_scoped_release nogil;
-  if (es == 4)
-    peftcore::cpu::down_bwd<float>(ptr<const float>(g), ptr<const float>(a), ptr<const float>(x), ldx,
-                                   ptr<float>(dx), lddx, ptr<float>(da), M, K, R, uint32_t(seed),
+  if (d.x.dt == A::kF32)
+    peftcore::cpu::down_bwd<float>(d.g.ptr<const float>(), d.a.ptr<const float>(), d.x.ptr<const float>(), d.ldx,
+                                   d.dx.ptr<float>(), d.lddx, d.da.ptr<float>(), d.M, d.K, d.R, uint32_t(seed),
                                    uint32_t(threshold), scale, nthreads);
   else
-    peftcore::cpu::down_bwd<double>(ptr<const double>(g), ptr<const double>(a), ptr<const double>(x), ldx,
-                                    ptr<double>(dx), lddx, ptr<double>(da), M, K, R, uint32_t(seed),
-                                    uint32_t(threshold), scale, nthreads);
+    peftcore::cpu::down_bwd<double>(d.g.ptr<const double>(), d.a.ptr<const double>(), d.x.ptr<const double>(),
+                                    d.ldx, d.dx.ptr<double>(), d.lddx, d.da.ptr<double>(), d.M, d.K, d.R,
+                                    uint32_t(seed), uint32_t(threshold), scale, nthreads);
 }
 
-void lora_bwd(const std::string& dtype, uintptr_t dy, int64_t lddy, uintptr_t b, uintptr_t xa, uintptr_t a,
-              uintptr_t x, int64_t ldx, uintptr_t dx, int64_t lddx, uintptr_t da, uintptr_t db, int64_t M,
-              int64_t N, int64_t K, int64_t R, int64_t seed, int64_t threshold, double scale, double scaling,
+void lora_bwd(py::handle dy_, py::handle b_, py::handle xa_, py::handle a_, py::handle x_, py::handle dx_,
+              py::handle da_, py::handle db_, int64_t seed, int64_t threshold, double scale, double scaling,
               int nthreads) {
-  const std::string fn = "lora_bwd";
-  check_sizes(fn, M, K, R);
-  if (N < 0) fail(fn, "N must be >= 0, got " + std::to_string(N));
-  check_rng(fn, seed, threshold, scale);
-  if (!std::isfinite(scaling)) fail(fn, "scaling must be finite");
-  const int64_t es = elem_size(dtype);
-  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
-  check_ptr(fn, "dy", dy, M * N, es);
-  check_ld(fn, "dy", lddy, M, N, false);
-  if (dx != 0 || da != 0) check_ptr(fn, "b", b, N * R, es);
-  if (dx != 0) {
-    check_ptr(fn, "a", a, R * K, es);
-    check_ptr(fn, "dx", dx, M * K, es, true);
-    check_ld(fn, "dx", lddx, M, K, true);
-  }
-  if (da != 0) {
-    check_ptr(fn, "x", x, M * K, es);
-    check_ptr(fn, "da", da, R * K, es, true);
-    check_ld(fn, "x", ldx, M, K, false);
-  }
-  if (db != 0) {
-    check_ptr(fn, "xa", xa, M * R, es);
-    check_ptr(fn, "db", db, N * R, es, true);
-  }
+  Call c("lora_bwd", false);
+  check_rng(c, seed, threshold, scale);
+  check_finite(c, "scaling", scaling);
+  check_threads(c, nthreads);
+  Arg x = c.in("x", x_, 2, A::kCpuFloat);
+  const unsigned dt = x.dt;
+  const int64_t M = x.size(0), K = x.size(1), ldx = c.rows(x, false);
+  Arg a = c.in("a", a_, 2, dt);
+  const int64_t R = a.size(0);
+  check_rank(c, R);
+  c.shape(a, {R, K}, "[R, K]");
+  c.contiguous(a);
+  Arg dy = c.in("dy", dy_, 2, dt);
+  const int64_t N = dy.size(1);
+  c.shape(dy, {M, N}, "[M, N]");
+  const int64_t lddy = c.rows(dy, false);
+  Arg b = c.in("b", b_, 2, dt);
+  c.shape(b, {N, R}, "[N, R]");
+  c.contiguous(b);
+  Arg xa = c.in("xa", xa_, 2, dt);
+  c.shape(xa, {M, R}, "[M, R]");
+  c.contiguous(xa);
+  Arg dx = c.out("dx", dx_, 2, dt, true);
+  c.shape(dx, {M, K}, "[M, K]");
+  const int64_t lddx = dx.present ? c.rows(dx, true) : K;
+  Arg da = c.out("da", da_, 2, dt, true);
+  c.shape(da, {R, K}, "[R, K]");
+  c.contiguous(da);
+  Arg db = c.out("db", db_, 2, dt, true);
+  c.shape(db, {N, R}, "[N, R]");
+  c.contiguous(db);
+  for (const Arg* o : {&dx, &da, &db}) c.no_overlap(*o, {&dy, &b, &xa, &a, &x, &dx, &da, &db});
   py::gil_scoped_release nogil;
-  if (es == 4)
-    peftcore::cpu::lora_bwd<float>(ptr<const float>(dy), lddy, ptr<const float>(b), ptr<const float>(xa),
-                                   ptr<const float>(a), ptr<const float>(x), ldx, ptr<float>(dx), lddx,
-                                   ptr<float>(da), ptr<float>(db), M, N, K, R, uint32_t(seed),
-                                   uint32_t(threshold), scale, scaling, nthreads);
+  if (dt == A::kF32)
+    peftcore::cpu::lora_bwd<float>(dy.ptr<const float>(), lddy, b.ptr<const float>(), xa.ptr<const float>(),
+                                   a.ptr<const float>(), x.ptr<const float>(), ldx, dx.ptr<float>(), lddx,
+                                   da.ptr<float>(), db.ptr<float>(), M, N, K, R, uint32_t(seed), uint32_t(threshold),
+                                   scale, scaling, nthreads);
   else
-    peftcore::cpu::lora_bwd<double>(ptr<const double>(dy), lddy, ptr<const double>(b), ptr<const double>(xa),
-                                    ptr<const double>(a), ptr<const double>(x), ldx, ptr<double>(dx), lddx,
-                                    ptr<double>(da), ptr<double>(db), M, N, K, R, uint32_t(seed),
+    peftcore::cpu::lora_bwd<double>(dy.ptr<const double>(), lddy, b.ptr<const double>(), xa.ptr<const double>(),
+                                    a.ptr<const double>(), x.ptr<const double>(), ldx, dx.ptr<double>(), lddx,
+                                    da.ptr<double>(), db.ptr<double>(), M, N, K, R, uint32_t(seed),
                                     uint32_t(threshold), scale, scaling, nthreads);
 }
 
-void keep_mask(uintptr_t out, int64_t M, int64_t K, int64_t seed, int64_t threshold, int nthreads) {
-  const std::string fn = "keep_mask";
-  check_sizes(fn, M, K, 1);
-  check_rng(fn, seed, threshold, 1.0);
-  check_ptr(fn, "out", out, M * K, 1);
+Arg mask_arg(Call& c, py::handle out_, int64_t seed, int64_t threshold) {
+  check_rng(c, seed, threshold, 1.0);
+  Arg out = c.out("out", out_, 2, A::kU8);
+  c.contiguous(out);
+  return out;
+}
+
+void keep_mask(py::handle out_, int64_t seed, int64_t threshold, int nthreads) {
+  Call c("keep_mask", false);
+  check_threads(c, nthreads);
+  Arg out = mask_arg(c, out_, seed, threshold);
   py::gil_scoped_release nogil;
-  peftcore::cpu::keep_mask(ptr<uint8_t>(out), M, K, uint32_t(seed), uint32_t(threshold), nthreads);
+  peftcore::cpu::keep_mask(out.ptr<uint8_t>(), out.size(0), out.size(1), uint32_t(seed), uint32_t(threshold),
+                           nthreads);
 }
 
-void require_cuda(const std::string& fn) {
-  if (!peftcore::cuda::compiled()) fail(fn, "peftcore._C was built without CUDA");
-}
-
-void cuda_down_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t xa, int64_t M,
-                   int64_t K, int64_t R, int64_t seed, int64_t threshold, double scale, uintptr_t stream) {
-  const std::string fn = "cuda_down_fwd";
-  require_cuda(fn);
-  check_sizes(fn, M, K, R);
-  check_rng(fn, seed, threshold, scale);
-  const DType dt = cuda_dtype(fn, dtype);
-  const int64_t es = elem_size(dtype);
-  check_ptr(fn, "x", x, M * K, es);
-  check_ptr(fn, "a", a, R * K, es);
-  check_ptr(fn, "xa", xa, M * R, es);
-  check_ld(fn, "x", ldx, M, K, false);
-  py::gil_scoped_release nogil;
-  peftcore::cuda::down_fwd(dt, ptr<const void>(x), ldx, ptr<const void>(a), ptr<void>(xa), M, K, R,
-                           uint32_t(seed), uint32_t(threshold), float(scale), stream);
-}
-
-void cuda_down_bwd(const std::string& dtype, uintptr_t g, uintptr_t a, uintptr_t x, int64_t ldx, uintptr_t dx,
-                   int64_t lddx, uintptr_t da, int64_t M, int64_t K, int64_t R, int64_t seed,
-                   int64_t threshold, double scale, uintptr_t workspace, int64_t workspace_bytes,
+void cuda_down_fwd(py::handle x_, py::handle a_, py::handle xa_, int64_t seed, int64_t threshold, double scale,
                    uintptr_t stream) {
-  const std::string fn = "cuda_down_bwd";
-  require_cuda(fn);
-  check_sizes(fn, M, K, R);
-  check_rng(fn, seed, threshold, scale);
-  const DType dt = cuda_dtype(fn, dtype);
-  const int64_t es = elem_size(dtype);
-  check_bwd(fn, es, g, a, x, ldx, dx, lddx, da, M, K, R, 4);
-  if (da != 0) {
-    const int64_t need = peftcore::cuda::down_bwd_workspace(M, K, R);
-    if (workspace_bytes < need)
-      fail(fn, "workspace of " + std::to_string(workspace_bytes) + " bytes, cuda_down_bwd_workspace(M, K, R) = " +
-                   std::to_string(need));
-    check_ptr(fn, "workspace", workspace, need, 4);
-  }
+  Call c("cuda_down_fwd", true);
+  check_rng(c, seed, threshold, scale);
+  DownFwd d = down_fwd_args(c, x_, a_, xa_, A::kCudaFloat);
+  require_cuda(c);
   py::gil_scoped_release nogil;
-  peftcore::cuda::down_bwd(dt, ptr<const void>(g), ptr<const void>(a), ptr<const void>(x), ldx, ptr<void>(dx),
-                           lddx, ptr<float>(da), M, K, R, uint32_t(seed), uint32_t(threshold), float(scale),
-                           ptr<void>(workspace), workspace_bytes, stream);
+  peftcore::cuda::down_fwd(cuda_dtype(d.x.dt), d.x.ptr<const void>(), d.ldx, d.a.ptr<const void>(),
+                           d.xa.ptr<void>(), d.M, d.K, d.R, uint32_t(seed), uint32_t(threshold), float(scale),
+                           stream);
+}
+
+void cuda_down_bwd(py::handle g_, py::handle a_, py::handle x_, py::handle dx_, py::handle da_, int64_t seed,
+                   int64_t threshold, double scale, py::handle workspace_, uintptr_t stream) {
+  Call c("cuda_down_bwd", true);
+  check_rng(c, seed, threshold, scale);
+  DownBwd d = down_bwd_args(c, g_, a_, x_, dx_, da_, A::kCudaFloat, true);
+  Arg ws = c.out("workspace", workspace_, 1, A::kU8, true);
+  int64_t need = 0;
+  if (d.da.present) {
+    need = peftcore::cuda::down_bwd_workspace(d.M, d.K, d.R);
+    if (c.bytes(ws) < need)
+      c.fail("workspace holds " + str(c.bytes(ws)) + " bytes, cuda_down_bwd_workspace(M, K, R) = " + str(need));
+    if (ws.present && reinterpret_cast<uintptr_t>(ws.data) % 4 != 0) c.fail("workspace must be 4-byte aligned");
+  }
+  c.contiguous(ws);
+  c.no_overlap(ws, {&d.g, &d.a, &d.x, &d.dx, &d.da});
+  require_cuda(c);
+  py::gil_scoped_release nogil;
+  peftcore::cuda::down_bwd(cuda_dtype(d.x.dt), d.g.ptr<const void>(), d.a.ptr<const void>(), d.x.ptr<const void>(),
+                           d.ldx, d.dx.ptr<void>(), d.lddx, d.da.ptr<float>(), d.M, d.K, d.R, uint32_t(seed),
+                           uint32_t(threshold), float(scale), ws.ptr<void>(), c.bytes(ws), stream);
 }
 
 int64_t cuda_down_bwd_workspace(int64_t M, int64_t K, int64_t R) {
-  check_sizes("cuda_down_bwd_workspace", M, K, R);
+  Call c("cuda_down_bwd_workspace", true);
+  if (M < 0 || K < 0) c.fail("sizes must be >= 0, got M=" + str(M) + " K=" + str(K));
+  check_rank(c, R);
   return peftcore::cuda::down_bwd_workspace(M, K, R);
 }
 
-void cuda_keep_mask(uintptr_t out, int64_t M, int64_t K, int64_t seed, int64_t threshold, uintptr_t stream) {
-  const std::string fn = "cuda_keep_mask";
-  require_cuda(fn);
-  check_sizes(fn, M, K, 1);
-  check_rng(fn, seed, threshold, 1.0);
-  check_ptr(fn, "out", out, M * K, 1);
+void cuda_keep_mask(py::handle out_, int64_t seed, int64_t threshold, uintptr_t stream) {
+  Call c("cuda_keep_mask", true);
+  Arg out = mask_arg(c, out_, seed, threshold);
+  require_cuda(c);
   py::gil_scoped_release nogil;
-  peftcore::cuda::keep_mask(ptr<uint8_t>(out), M, K, uint32_t(seed), uint32_t(threshold), stream);
+  peftcore::cuda::keep_mask(out.ptr<uint8_t>(), out.size(0), out.size(1), uint32_t(seed), uint32_t(threshold),
+                            stream);
 }
 
 // ---- distill_kl ---------------------------------------------------------------------------------
 
-peftcore::cpu::DistillKind distill_kind(const std::string& fn, const std::string& kind) {
+peftcore::cpu::DistillKind distill_kind(const Call& c, const std::string& kind) {
   if (kind == "forward") return peftcore::cpu::DistillKind::kForward;
   if (kind == "reverse") return peftcore::cpu::DistillKind::kReverse;
   if (kind == "jsd") return peftcore::cpu::DistillKind::kJsd;
-  fail(fn, "kind must be 'forward', 'reverse' or 'jsd', got '" + kind + "'");
+  c.fail("kind must be 'forward', 'reverse' or 'jsd', got '" + kind + "'");
 }
 
-// Checks shared by the CPU and CUDA distill_fwd: s, t [N, V] (row strides lds, ldt, read only),
-// row_weight and loss fp32 [N], grad [N, V] contiguous in the input dtype (0: no gradient).
-void check_distill(const std::string& fn, int64_t es, uintptr_t s, int64_t lds, uintptr_t t,
-                   int64_t ldt, uintptr_t row_weight, uintptr_t loss, uintptr_t grad, int64_t N,
-                   int64_t V, double temperature, const std::string& kind, double beta) {
-  if (N < 0) fail(fn, "N must be >= 0, got " + std::to_string(N));
-  if (V < 1) fail(fn, "V must be >= 1, got " + std::to_string(V));
-  if (N > 0 && V > (int64_t(1) << 40) / N) fail(fn, "N * V is out of range");
+// s, t [N, V] (rows, read only), row_weight and loss fp32 [N] (dense), grad [N, V] dense in s's
+// dtype (optional).
+struct Distill {
+  Arg s, t, w, loss, grad;
+  int64_t N, V, lds, ldt;
+  peftcore::cpu::DistillKind kind;
+};
+
+Distill distill_args(Call& c, py::handle s_, py::handle t_, py::handle w_, py::handle loss_, py::handle grad_,
+                     double temperature, const std::string& kind, double beta, unsigned dts) {
+  Distill d;
+  d.kind = distill_kind(c, kind);
   if (!std::isfinite(temperature) || !(temperature > 0))
-    fail(fn, "temperature must be finite and > 0, got " + std::to_string(temperature));
+    c.fail("temperature must be finite and > 0, got " + std::to_string(temperature));
   if (kind == "jsd" && !(beta > 0.0 && beta < 1.0))
-    fail(fn, "beta must be in (0, 1) for kind='jsd', got " + std::to_string(beta));
-  check_ptr(fn, "s", s, N * V, es);
-  check_ptr(fn, "t", t, N * V, es);
-  check_ld(fn, "s", lds, N, V, false);
-  check_ld(fn, "t", ldt, N, V, false);
-  check_ptr(fn, "row_weight", row_weight, N, 4);
-  check_ptr(fn, "loss", loss, N, 4);
-  check_ptr(fn, "grad", grad, N * V, es, true);
-  if (grad != 0 && (grad == s || grad == t)) fail(fn, "grad must not alias s or t");
+    c.fail("beta must be in (0, 1) for kind='jsd', got " + std::to_string(beta));
+  d.s = c.in("s", s_, 2, dts);
+  d.N = d.s.size(0);
+  d.V = d.s.size(1);
+  if (d.V < 1) c.fail("V (s's last dim) must be >= 1, got shape " + d.s.shape_str());
+  d.lds = c.rows(d.s, false);
+  d.t = c.in("t", t_, 2, d.s.dt);
+  c.shape(d.t, {d.N, d.V}, "[N, V]");
+  d.ldt = c.rows(d.t, false);
+  d.w = c.in("row_weight", w_, 1, A::kF32);
+  c.shape(d.w, {d.N}, "[N]");
+  c.contiguous(d.w);
+  d.loss = c.out("loss", loss_, 1, A::kF32);
+  c.shape(d.loss, {d.N}, "[N]");
+  c.contiguous(d.loss);
+  d.grad = c.out("grad", grad_, 2, d.s.dt, true);
+  c.shape(d.grad, {d.N, d.V}, "[N, V]");
+  c.contiguous(d.grad);
+  c.no_overlap(d.loss, {&d.s, &d.t, &d.w, &d.grad});
+  c.no_overlap(d.grad, {&d.s, &d.t, &d.w});
+  return d;
 }
 
-void distill_fwd(const std::string& dtype, uintptr_t s, int64_t lds, uintptr_t t, int64_t ldt,
-                 uintptr_t row_weight, uintptr_t loss, uintptr_t grad, int64_t N, int64_t V,
+void distill_fwd(py::handle s_, py::handle t_, py::handle w_, py::handle loss_, py::handle grad_,
                  double temperature, const std::string& kind, double beta, int nthreads) {
-  const std::string fn = "distill_fwd";
-  if (dtype != "float32") fail(fn, "the CPU kernel takes float32, got '" + dtype + "'");
-  const auto k = distill_kind(fn, kind);
-  check_distill(fn, 4, s, lds, t, ldt, row_weight, loss, grad, N, V, temperature, kind, beta);
+  Call c("distill_fwd", false);
+  check_threads(c, nthreads);
+  Distill d = distill_args(c, s_, t_, w_, loss_, grad_, temperature, kind, beta, A::kF32);
   py::gil_scoped_release nogil;
-  peftcore::cpu::distill_fwd(ptr<const float>(s), lds, ptr<const float>(t), ldt,
-                             ptr<const float>(row_weight), ptr<float>(loss), ptr<float>(grad), N, V,
-                             temperature, k, beta, nthreads);
+  peftcore::cpu::distill_fwd(d.s.ptr<const float>(), d.lds, d.t.ptr<const float>(), d.ldt, d.w.ptr<const float>(),
+                             d.loss.ptr<float>(), d.grad.ptr<float>(), d.N, d.V, temperature, d.kind, beta,
+                             nthreads);
 }
 
-void cuda_distill_fwd(const std::string& dtype, uintptr_t s, int64_t lds, uintptr_t t, int64_t ldt,
-                      uintptr_t row_weight, uintptr_t loss, uintptr_t grad, int64_t N, int64_t V,
+void cuda_distill_fwd(py::handle s_, py::handle t_, py::handle w_, py::handle loss_, py::handle grad_,
                       double temperature, const std::string& kind, double beta, uintptr_t stream) {
-  const std::string fn = "cuda_distill_fwd";
-  require_cuda(fn);
-  const DType dt = cuda_dtype(fn, dtype);
-  const auto k = distill_kind(fn, kind);
-  check_distill(fn, elem_size(dtype), s, lds, t, ldt, row_weight, loss, grad, N, V, temperature,
-                kind, beta);
+  Call c("cuda_distill_fwd", true);
+  Distill d = distill_args(c, s_, t_, w_, loss_, grad_, temperature, kind, beta, A::kCudaFloat);
+  require_cuda(c);
   py::gil_scoped_release nogil;
-  peftcore::cuda::distill_fwd(dt, ptr<const void>(s), lds, ptr<const void>(t), ldt,
-                              ptr<const float>(row_weight), ptr<float>(loss), ptr<void>(grad), N, V,
-                              temperature, static_cast<int>(k), beta, stream);
+  peftcore::cuda::distill_fwd(cuda_dtype(d.s.dt), d.s.ptr<const void>(), d.lds, d.t.ptr<const void>(), d.ldt,
+                              d.w.ptr<const float>(), d.loss.ptr<float>(), d.grad.ptr<void>(), d.N, d.V,
+                              temperature, static_cast<int>(d.kind), beta, stream);
 }
 
 // ---- lora_mixed ---------------------------------------------------------------------------------
 
-// Checks shared by the CPU and CUDA lora_mixed_fwd: sizes, pointers and row strides.  Each entry
-// point checks its own description of the batch (segments on the CPU, tiles on the GPU).
-void check_mixed(const std::string& fn, int64_t es, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t b,
-                 uintptr_t scaling, uintptr_t y, int64_t ldy, int64_t M, int64_t K, int64_t N, int64_t R,
-                 int64_t J) {
-  if (M < 0 || K < 0 || N < 0)
-    fail(fn, "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" +
-                 std::to_string(N));
-  if (R < 1 || R > (int64_t(1) << 20)) fail(fn, "rank R must be in [1, 2**20], got " + std::to_string(R));
-  if (J < 1) fail(fn, "adapters J must be >= 1, got " + std::to_string(J));
-  check_ptr(fn, "x", x, M * K, es);
-  check_ptr(fn, "a", a, J * R * K, es);
-  check_ptr(fn, "b", b, J * N * R, es);
-  check_ptr(fn, "scaling", scaling, J, 4);
-  check_ptr(fn, "y", y, M * N, es);
-  check_ld(fn, "x", ldx, M, K, false);
-  check_ld(fn, "y", ldy, M, N, true);
+// x [M, K] (rows), a [J, R, K] and b [J, N, R] (dense), scaling fp32 [J], y [M, N] (rows, added
+// into).  Each entry point checks its own description of the batch (segments or tiles).
+struct Mixed {
+  Arg x, a, b, sc, y;
+  int64_t M, K, N, R, J, ldx, ldy;
+};
+
+Mixed mixed_args(Call& c, py::handle x_, py::handle a_, py::handle b_, py::handle sc_, py::handle y_,
+                 unsigned dts) {
+  Mixed d;
+  d.x = c.in("x", x_, 2, dts);
+  const unsigned dt = d.x.dt;
+  d.M = d.x.size(0);
+  d.K = d.x.size(1);
+  d.ldx = c.rows(d.x, false);
+  d.a = c.in("a", a_, 3, dt);
+  d.J = d.a.size(0);
+  d.R = d.a.size(1);
+  if (d.J < 1) c.fail("a must hold J >= 1 adapters, got shape " + d.a.shape_str());
+  check_rank(c, d.R);
+  c.shape(d.a, {d.J, d.R, d.K}, "[J, R, K]");
+  c.contiguous(d.a);
+  d.y = c.out("y", y_, 2, dt);
+  d.N = d.y.size(1);
+  c.shape(d.y, {d.M, d.N}, "[M, N]");
+  d.ldy = c.rows(d.y, true);
+  d.b = c.in("b", b_, 3, dt);
+  c.shape(d.b, {d.J, d.N, d.R}, "[J, N, R]");
+  c.contiguous(d.b);
+  d.sc = c.in("scaling", sc_, 1, A::kF32);
+  c.shape(d.sc, {d.J}, "[J]");
+  c.contiguous(d.sc);
+  c.no_overlap(d.y, {&d.x, &d.a, &d.b, &d.sc});
+  return d;
 }
 
-void lora_mixed_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t b,
-                    uintptr_t scaling, uintptr_t seg_adapter, uintptr_t seg_len, int64_t num_segs, uintptr_t y,
-                    int64_t ldy, int64_t M, int64_t K, int64_t N, int64_t R, int64_t J, int nthreads) {
-  const std::string fn = "lora_mixed_fwd";
-  const int64_t es = elem_size(dtype);
-  if (es != 4 && es != 8) fail(fn, "CPU kernels take float32 or float64, got '" + dtype + "'");
-  check_mixed(fn, es, x, ldx, a, b, scaling, y, ldy, M, K, N, R, J);
-  if (num_segs < 0 || num_segs > M)
-    fail(fn, "num_segs must be in [0, M=" + std::to_string(M) + "], got " + std::to_string(num_segs));
-  check_ptr(fn, "seg_adapter", seg_adapter, num_segs, 4);
-  check_ptr(fn, "seg_len", seg_len, num_segs, 8);
+void lora_mixed_fwd(py::handle x_, py::handle a_, py::handle b_, py::handle sc_, py::handle sa_, py::handle sl_,
+                    py::handle y_, int nthreads) {
+  Call c("lora_mixed_fwd", false);
+  check_threads(c, nthreads);
+  Mixed d = mixed_args(c, x_, a_, b_, sc_, y_, A::kCpuFloat);
+  Arg sa = c.in("seg_adapter", sa_, 1, A::kI32);
+  const int64_t S = sa.size(0);
+  if (S > d.M) c.fail("seg_adapter has " + str(S) + " segments, more than M=" + str(d.M) + " rows");
+  c.contiguous(sa);
+  Arg sl = c.in("seg_len", sl_, 1, A::kI64);
+  c.shape(sl, {S}, "[num_segs]");
+  c.contiguous(sl);
+  c.no_overlap(d.y, {&sa, &sl});
   // The segments are host memory: check them before the kernel indexes x, y and the stacks with them.
-  const int32_t* sa = ptr<const int32_t>(seg_adapter);
-  const int64_t* sl = ptr<const int64_t>(seg_len);
+  const int32_t* adapter = sa.ptr<const int32_t>();
+  const int64_t* len = sl.ptr<const int64_t>();
   int64_t rows = 0;
-  for (int64_t sg = 0; sg < num_segs; ++sg) {
-    if (sl[sg] < 1 || sl[sg] > M - rows)
-      fail(fn, "segment " + std::to_string(sg) + " has length " + std::to_string(sl[sg]) +
-                   ": lengths must be >= 1 and add up to M=" + std::to_string(M));
-    if (sa[sg] < -1 || sa[sg] >= J)
-      fail(fn, "segment " + std::to_string(sg) + " has adapter " + std::to_string(sa[sg]) + ", expected [-1, J=" +
-                   std::to_string(J) + ")");
-    rows += sl[sg];
+  for (int64_t g = 0; g < S; ++g) {
+    if (len[g] < 1 || len[g] > d.M - rows)
+      c.fail("segment " + str(g) + " has length " + str(len[g]) +
+             ": lengths must be >= 1 and add up to M=" + str(d.M));
+    if (adapter[g] < -1 || adapter[g] >= d.J)
+      c.fail("segment " + str(g) + " has adapter " + str(adapter[g]) + ", expected [-1, J=" + str(d.J) + ")");
+    rows += len[g];
   }
-  if (rows != M) fail(fn, "segment lengths add up to " + std::to_string(rows) + ", expected M=" + std::to_string(M));
+  if (rows != d.M) c.fail("segment lengths add up to " + str(rows) + ", expected M=" + str(d.M));
   py::gil_scoped_release nogil;
-  if (es == 4)
-    peftcore::cpu::lora_mixed_fwd<float>(ptr<const float>(x), ldx, ptr<const float>(a), ptr<const float>(b),
-                                         ptr<const float>(scaling), sa, sl, num_segs, ptr<float>(y), ldy, M, K, N,
-                                         R, J, nthreads);
+  if (d.x.dt == A::kF32)
+    peftcore::cpu::lora_mixed_fwd<float>(d.x.ptr<const float>(), d.ldx, d.a.ptr<const float>(),
+                                         d.b.ptr<const float>(), d.sc.ptr<const float>(), adapter, len, S,
+                                         d.y.ptr<float>(), d.ldy, d.M, d.K, d.N, d.R, d.J, nthreads);
   else
-    peftcore::cpu::lora_mixed_fwd<double>(ptr<const double>(x), ldx, ptr<const double>(a), ptr<const double>(b),
-                                          ptr<const float>(scaling), sa, sl, num_segs, ptr<double>(y), ldy, M, K,
-                                          N, R, J, nthreads);
+    peftcore::cpu::lora_mixed_fwd<double>(d.x.ptr<const double>(), d.ldx, d.a.ptr<const double>(),
+                                          d.b.ptr<const double>(), d.sc.ptr<const float>(), adapter, len, S,
+                                          d.y.ptr<double>(), d.ldy, d.M, d.K, d.N, d.R, d.J, nthreads);
 }
 
-int64_t cuda_lora_mixed_workspace(int64_t num_tiles, int64_t block_m, int64_t K, int64_t R) {
-  const std::string fn = "cuda_lora_mixed_workspace";
-  if (!peftcore::cuda::lora_mixed_block_m_ok(block_m))
-    fail(fn, "block_m must be 16 or 64, got " + std::to_string(block_m));
+int64_t mixed_workspace(const Call& c, int64_t num_tiles, int64_t block_m, int64_t K, int64_t R) {
+  if (!peftcore::cuda::lora_mixed_block_m_ok(block_m)) c.fail("block_m must be 16 or 64, got " + str(block_m));
   if (num_tiles < 0 || K < 0 || R < 1)
-    fail(fn, "need num_tiles >= 0, K >= 0, R >= 1, got " + std::to_string(num_tiles) + ", " + std::to_string(K) +
-                 ", " + std::to_string(R));
+    c.fail("need num_tiles >= 0, K >= 0, R >= 1, got " + str(num_tiles) + ", " + str(K) + ", " + str(R));
   return peftcore::cuda::lora_mixed_workspace(num_tiles, block_m, K, R);
 }
 
-void cuda_lora_mixed_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t a, uintptr_t b,
-                         uintptr_t scaling, uintptr_t tiles, int64_t num_tiles, int64_t block_m, uintptr_t y,
-                         int64_t ldy, int64_t M, int64_t K, int64_t N, int64_t R, int64_t J, uintptr_t workspace,
-                         int64_t workspace_bytes, uintptr_t stream) {
-  const std::string fn = "cuda_lora_mixed_fwd";
-  require_cuda(fn);
-  const DType dt = cuda_dtype(fn, dtype);
-  check_mixed(fn, elem_size(dtype), x, ldx, a, b, scaling, y, ldy, M, K, N, R, J);
-  if (num_tiles < 0 || num_tiles > M)
-    fail(fn, "num_tiles must be in [0, M=" + std::to_string(M) + "], got " + std::to_string(num_tiles));
-  check_ptr(fn, "tiles", tiles, num_tiles * 3, 4);
-  const int64_t need = cuda_lora_mixed_workspace(num_tiles, block_m, K, R);
-  if (workspace_bytes < need)
-    fail(fn, "workspace of " + std::to_string(workspace_bytes) +
-                 " bytes, cuda_lora_mixed_workspace(num_tiles, block_m, K, R) = " + std::to_string(need));
-  check_ptr(fn, "workspace", workspace, need, 4);
+int64_t cuda_lora_mixed_workspace(int64_t num_tiles, int64_t block_m, int64_t K, int64_t R) {
+  return mixed_workspace(Call("cuda_lora_mixed_workspace", true), num_tiles, block_m, K, R);
+}
+
+void cuda_lora_mixed_fwd(py::handle x_, py::handle a_, py::handle b_, py::handle sc_, py::handle tiles_,
+                         int64_t block_m, py::handle y_, py::handle workspace_, uintptr_t stream) {
+  Call c("cuda_lora_mixed_fwd", true);
+  Mixed d = mixed_args(c, x_, a_, b_, sc_, y_, A::kCudaFloat);
+  Arg tiles = c.in("tiles", tiles_, 2, A::kI32);
+  const int64_t T = tiles.size(0);
+  c.shape(tiles, {T, 3}, "[num_tiles, 3]");
+  c.contiguous(tiles);
+  if (T > d.M) c.fail("tiles has " + str(T) + " tiles, more than M=" + str(d.M) + " rows");
+  const int64_t need = mixed_workspace(c, T, block_m, d.K, d.R);
+  Arg ws = c.out("workspace", workspace_, 1, A::kU8, need == 0);
+  if (c.bytes(ws) < need)
+    c.fail("workspace holds " + str(c.bytes(ws)) + " bytes, cuda_lora_mixed_workspace(num_tiles, block_m, K, R) = " +
+           str(need));
+  if (ws.present && reinterpret_cast<uintptr_t>(ws.data) % 4 != 0) c.fail("workspace must be 4-byte aligned");
+  c.no_overlap(d.y, {&tiles, &ws});
+  c.no_overlap(ws, {&d.x, &d.a, &d.b, &d.sc, &tiles, &d.y});
+  require_cuda(c);
+  // The tile values (first, end, adapter) live in device memory and are not read here: they must
+  // come from peftcore.native.lora_mixed.plan.
   py::gil_scoped_release nogil;
-  peftcore::cuda::lora_mixed_fwd(dt, ptr<const void>(x), ldx, ptr<const void>(a), ptr<const void>(b),
-                                 ptr<const float>(scaling), ptr<const int32_t>(tiles), num_tiles, block_m,
-                                 ptr<void>(y), ldy, M, K, N, R, ptr<void>(workspace), workspace_bytes, stream);
+  peftcore::cuda::lora_mixed_fwd(cuda_dtype(d.x.dt), d.x.ptr<const void>(), d.ldx, d.a.ptr<const void>(),
+                                 d.b.ptr<const void>(), d.sc.ptr<const float>(), tiles.ptr<const int32_t>(), T,
+                                 block_m, d.y.ptr<void>(), d.ldy, d.M, d.K, d.N, d.R, ws.ptr<void>(), c.bytes(ws),
+                                 stream);
 }
 
 // The first instruction-set extension this binary was compiled for (-march=native on the build
@@ -456,89 +522,59 @@ py::dict build_config() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "peftcore native kernels (CPU: OpenMP + SIMD; CUDA when built with nvcc). "
-            "Tensors are passed as data_ptr() integers; see peftcore/native/lora.py.";
-
-  m.def("down_fwd", &down_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"), py::arg("xa"),
-        py::arg("M"), py::arg("K"), py::arg("R"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
-        py::arg("nthreads") = 0, py::arg("y") = 0, py::arg("ldy") = 0, py::arg("b") = 0, py::arg("N") = 0,
+  m.doc() = "peftcore native kernels (CPU: OpenMP + SIMD; CUDA when built with nvcc). Tensors are passed as "
+            "DLPack capsules (torch.utils.dlpack.to_dlpack(t)); outputs are written in place. See "
+            "peftcore/native/*.py.";
+  const py::none none;
+  m.def("down_fwd", &down_fwd, py::arg("x"), py::arg("a"), py::arg("xa"), py::arg("seed"), py::arg("threshold"),
+        py::arg("scale"), py::arg("nthreads") = 0, py::arg("y") = none, py::arg("b") = none,
         py::arg("scaling") = 1.0,
-        "xa[M,R] = scale * (keep ⊙ x[M,K]) @ A[R,K]^T on the CPU (float32/float64); with y != 0 also "
-        "y[M,N] += scaling * xa @ B[N,R]^T in the same pass.");
-  m.def("lora_bwd", &lora_bwd, py::arg("dtype"), py::arg("dy"), py::arg("lddy"), py::arg("b"), py::arg("xa"),
-        py::arg("a"), py::arg("x"), py::arg("ldx"), py::arg("dx"), py::arg("lddx"), py::arg("da"), py::arg("db"),
-        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("R"), py::arg("seed"), py::arg("threshold"),
-        py::arg("scale"), py::arg("scaling"), py::arg("nthreads") = 0,
-        "The LoRA side of the backward in one pass, g = scaling * dy @ B kept per row chunk: "
-        "dx += scale * keep ⊙ (g @ A) (dx != 0), da = scale * g^T @ (keep ⊙ x) (da != 0), "
-        "db = scaling * dy^T @ xa (db != 0). CPU, float32/float64.");
-  m.def("down_bwd", &down_bwd, py::arg("dtype"), py::arg("g"), py::arg("a"), py::arg("x"), py::arg("ldx"),
-        py::arg("dx"), py::arg("lddx"), py::arg("da"), py::arg("M"), py::arg("K"), py::arg("R"), py::arg("seed"),
-        py::arg("threshold"), py::arg("scale"), py::arg("nthreads") = 0,
-        "dx[M,K] += scale * keep ⊙ (g[M,R] @ A[R,K]) (in place, skipped if dx == 0); "
-        "da[R,K] = scale * g^T @ (keep ⊙ x) (overwritten, skipped if da == 0). CPU, float32/float64.");
-  m.def("keep_mask", &keep_mask, py::arg("out"), py::arg("M"), py::arg("K"), py::arg("seed"),
-        py::arg("threshold"), py::arg("nthreads") = 0, "out[M,K] (uint8) = keep mask, for tests.");
-  m.def("cuda_down_fwd", &cuda_down_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"),
-        py::arg("xa"), py::arg("M"), py::arg("K"), py::arg("R"), py::arg("seed"), py::arg("threshold"),
-        py::arg("scale"), py::arg("stream"), "CUDA down_fwd (float32/float16/bfloat16, fp32 accumulation).");
-  m.def("cuda_down_bwd", &cuda_down_bwd, py::arg("dtype"), py::arg("g"), py::arg("a"), py::arg("x"),
-        py::arg("ldx"), py::arg("dx"), py::arg("lddx"), py::arg("da"), py::arg("M"), py::arg("K"), py::arg("R"),
-        py::arg("seed"), py::arg("threshold"), py::arg("scale"), py::arg("workspace"),
-        py::arg("workspace_bytes"), py::arg("stream"), "CUDA down_bwd; da is float32 [R,K].");
+        "xa[M,R] = scale * (keep ⊙ x[M,K]) @ a[R,K]^T on the CPU (float32/float64); with y and b also "
+        "y[M,N] += scaling * xa @ b[N,R]^T in the same pass.");
+  m.def("lora_bwd", &lora_bwd, py::arg("dy"), py::arg("b"), py::arg("xa"), py::arg("a"), py::arg("x"),
+        py::arg("dx"), py::arg("da"), py::arg("db"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+        py::arg("scaling"), py::arg("nthreads") = 0,
+        "The LoRA side of the backward in one pass, g = scaling * dy[M,N] @ b[N,R] kept per row chunk: "
+        "dx[M,K] += scale * keep ⊙ (g @ a) (dx given), da[R,K] = scale * g^T @ (keep ⊙ x) (da given), "
+        "db[N,R] = scaling * dy^T @ xa[M,R] (db given). CPU, float32/float64.");
+  m.def("down_bwd", &down_bwd, py::arg("g"), py::arg("a"), py::arg("x"), py::arg("dx"), py::arg("da"),
+        py::arg("seed"), py::arg("threshold"), py::arg("scale"), py::arg("nthreads") = 0,
+        "dx[M,K] += scale * keep ⊙ (g[M,R] @ a[R,K]) (in place, skipped if dx is None); "
+        "da[R,K] = scale * g^T @ (keep ⊙ x) (overwritten, skipped if da is None). CPU, float32/float64.");
+  m.def("keep_mask", &keep_mask, py::arg("out"), py::arg("seed"), py::arg("threshold"), py::arg("nthreads") = 0,
+        "out[M,K] (uint8, contiguous) = keep mask, for tests.");
+  m.def("cuda_down_fwd", &cuda_down_fwd, py::arg("x"), py::arg("a"), py::arg("xa"), py::arg("seed"),
+        py::arg("threshold"), py::arg("scale"), py::arg("stream"),
+        "CUDA down_fwd (float32/float16/bfloat16, fp32 accumulation).");
+  m.def("cuda_down_bwd", &cuda_down_bwd, py::arg("g"), py::arg("a"), py::arg("x"), py::arg("dx"), py::arg("da"),
+        py::arg("seed"), py::arg("threshold"), py::arg("scale"), py::arg("workspace"), py::arg("stream"),
+        "CUDA down_bwd; da is float32 [R,K]; workspace uint8 of cuda_down_bwd_workspace(M, K, R) bytes "
+        "(None when that is 0 or da is None).");
   m.def("cuda_down_bwd_workspace", &cuda_down_bwd_workspace, py::arg("M"), py::arg("K"), py::arg("R"),
         "Bytes of device scratch cuda_down_bwd needs for dA.");
-  m.def("cuda_keep_mask", &cuda_keep_mask, py::arg("out"), py::arg("M"), py::arg("K"), py::arg("seed"),
-        py::arg("threshold"), py::arg("stream"), "Device keep mask, for tests.");
-  m.def("distill_fwd", &distill_fwd, py::arg("dtype"), py::arg("s"), py::arg("lds"), py::arg("t"),
-        py::arg("ldt"), py::arg("row_weight"), py::arg("loss"), py::arg("grad"), py::arg("N"), py::arg("V"),
-        py::arg("temperature"), py::arg("kind"), py::arg("beta") = 0.5, py::arg("nthreads") = 0,
+  m.def("cuda_keep_mask", &cuda_keep_mask, py::arg("out"), py::arg("seed"), py::arg("threshold"), py::arg("stream"),
+        "Device keep mask, for tests.");
+  m.def("distill_fwd", &distill_fwd, py::arg("s"), py::arg("t"), py::arg("row_weight"), py::arg("loss"),
+        py::arg("grad"), py::arg("temperature"), py::arg("kind"), py::arg("beta") = 0.5, py::arg("nthreads") = 0,
         "Distillation loss on the CPU (float32): loss[N] = T^2 * divergence(softmax(t/T), softmax(s/T)) "
         "per row (kind 'forward' KL(p||q), 'reverse' KL(q||p), 'jsd' with weight beta on p), 0 where "
-        "row_weight is 0; with grad != 0 also grad[N,V] (contiguous) = row_weight * dloss/ds.");
-  m.def("cuda_distill_fwd", &cuda_distill_fwd, py::arg("dtype"), py::arg("s"), py::arg("lds"), py::arg("t"),
-        py::arg("ldt"), py::arg("row_weight"), py::arg("loss"), py::arg("grad"), py::arg("N"), py::arg("V"),
-        py::arg("temperature"), py::arg("kind"), py::arg("beta"), py::arg("stream"),
+        "row_weight is 0; with grad (contiguous [N,V]) also grad = row_weight * dloss/ds.");
+  m.def("cuda_distill_fwd", &cuda_distill_fwd, py::arg("s"), py::arg("t"), py::arg("row_weight"), py::arg("loss"),
+        py::arg("grad"), py::arg("temperature"), py::arg("kind"), py::arg("beta"), py::arg("stream"),
         "CUDA distill_fwd (float32/float16/bfloat16 inputs, fp32 math, fp32 loss, grad in the input dtype).");
-  m.def("lora_mixed_fwd", &lora_mixed_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"),
-        py::arg("b"), py::arg("scaling"), py::arg("seg_adapter"), py::arg("seg_len"), py::arg("num_segs"),
-        py::arg("y"), py::arg("ldy"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("R"), py::arg("J"),
-        py::arg("nthreads") = 0,
+  m.def("lora_mixed_fwd", &lora_mixed_fwd, py::arg("x"), py::arg("a"), py::arg("b"), py::arg("scaling"),
+        py::arg("seg_adapter"), py::arg("seg_len"), py::arg("y"), py::arg("nthreads") = 0,
         "Mixed-adapter LoRA delta on the CPU (float32/float64), in place: rows come in segments "
-        "(seg_adapter int32 [num_segs] in [-1, J), seg_len int64 [num_segs], in order, adding up to M); "
-        "for every row m of a segment with adapter j >= 0, y[m] += scaling[j] * (x[m] @ A[j]^T) @ B[j]^T "
-        "with A [J,R,K], B [J,N,R] contiguous and scaling float32 [J]. The segments are validated first.");
+        "(seg_adapter int32 [S] in [-1, J), seg_len int64 [S], in order, adding up to M); "
+        "for every row m of a segment with adapter j >= 0, y[m] += scaling[j] * (x[m] @ a[j]^T) @ b[j]^T "
+        "with a [J,R,K], b [J,N,R] contiguous and scaling float32 [J]. The segments are validated first.");
   m.def("cuda_lora_mixed_workspace", &cuda_lora_mixed_workspace, py::arg("num_tiles"), py::arg("block_m"),
         py::arg("K"), py::arg("R"), "Bytes of device scratch cuda_lora_mixed_fwd needs.");
-  m.def("cuda_lora_mixed_fwd", &cuda_lora_mixed_fwd, py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("a"),
-        py::arg("b"), py::arg("scaling"), py::arg("tiles"), py::arg("num_tiles"), py::arg("block_m"), py::arg("y"),
-        py::arg("ldy"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("R"), py::arg("J"), py::arg("workspace"),
-        py::arg("workspace_bytes"), py::arg("stream"),
-        "CUDA lora_mixed_fwd (float32/float16/bfloat16, fp32 accumulation). tiles lives in device memory and "
-        "must come from peftcore.native.lora_mixed.plan (rows per tile <= block_m, 16 or 64).");
-  // phm_linear: the entry points check their arguments (csrc/phm_cpu.cpp) without the GIL.
-  using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("phm_fwd", &peftcore::phm::cpu_fwd, nogil(), py::arg("dtype"), py::arg("x"), py::arg("ldx"),
-        py::arg("rule"), py::arg("w_left"), py::arg("w_right"), py::arg("bias"), py::arg("y"), py::arg("t"),
-        py::arg("M"), py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("nthreads") = 0,
-        "PHM linear forward on the CPU (float32/float64): y[M,n*Q] = x[M,n*P] @ H + bias (bias may be 0) "
-        "with H = sum_i kron(rule[i], w_left[i] @ w_right[i]) never formed; t[M,n,n,k] for the backward.");
-  m.def("phm_bwd", &peftcore::phm::cpu_bwd, nogil(), py::arg("dtype"), py::arg("dy"), py::arg("lddy"),
-        py::arg("x"), py::arg("ldx"), py::arg("t"), py::arg("rule"), py::arg("w_left"), py::arg("w_right"),
-        py::arg("dx"), py::arg("drule"), py::arg("dw_left"), py::arg("dw_right"), py::arg("dbias"), py::arg("M"),
-        py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("nthreads") = 0,
-        "PHM linear backward on the CPU; each gradient address may be 0 (not computed). Deterministic.");
-  m.def("cuda_phm_fwd", &peftcore::phm::cuda_fwd, nogil(), py::arg("dtype"), py::arg("x"), py::arg("ldx"),
-        py::arg("rule"), py::arg("w_left_t"), py::arg("w_right"), py::arg("bias"), py::arg("y"), py::arg("t"),
-        py::arg("M"), py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("stream"),
-        "CUDA phm_fwd (float32/float16/bfloat16, fp32 accumulation); w_left_t is w_left as [n, k, P].");
-  m.def("cuda_phm_bwd_workspace", &peftcore::phm::cuda_bwd_workspace, py::arg("M"), py::arg("n"), py::arg("P"),
-        py::arg("Q"), py::arg("k"), "Bytes of device scratch cuda_phm_bwd needs for the weight gradients.");
-  m.def("cuda_phm_bwd", &peftcore::phm::cuda_bwd, nogil(), py::arg("dtype"), py::arg("dy"), py::arg("lddy"),
-        py::arg("x"), py::arg("ldx"), py::arg("t"), py::arg("rule"), py::arg("w_left_t"), py::arg("w_right"),
-        py::arg("dx"), py::arg("drule"), py::arg("dw_left"), py::arg("dw_right"), py::arg("dbias"), py::arg("M"),
-        py::arg("n"), py::arg("P"), py::arg("Q"), py::arg("k"), py::arg("workspace"), py::arg("workspace_bytes"),
-        py::arg("stream"), "CUDA phm_bwd; gradients in the input dtype, summed deterministically.");
+  m.def("cuda_lora_mixed_fwd", &cuda_lora_mixed_fwd, py::arg("x"), py::arg("a"), py::arg("b"), py::arg("scaling"),
+        py::arg("tiles"), py::arg("block_m"), py::arg("y"), py::arg("workspace"), py::arg("stream"),
+        "CUDA lora_mixed_fwd (float32/float16/bfloat16, fp32 accumulation). tiles int32 [T,3] lives in device "
+        "memory and must come from peftcore.native.lora_mixed.plan (rows per tile <= block_m, 16 or 64).");
+  bind_phm(m);
   m.def("cuda_device_count", &peftcore::cuda::device_count,
         "Devices visible to the bundled CUDA runtime (negative cudaError_t when it cannot start).");
   m.def("hash32", [](int64_t x) { return peftcore::hash32(uint32_t(x)); }, py::arg("x"),

@@ -1,5 +1,4 @@
-// PHM linear (Compacter's parameterized hypercomplex multiplication layer): CPU kernels and the
-// checked entry points of both native backends.
+// PHM linear (Compacter's parameterized hypercomplex multiplication layer): CPU kernels.
 //
 // With n = phm_dim, P = in/n, Q = out/n, k = rank and j = i*k + r (nk = n*k):
 //   x    [M, n*P]  row stride ldx, unit column stride     rule    [n, n, n]  contiguous
@@ -38,37 +37,4 @@ void phm_bwd(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* t, con
 
 }  // namespace cpu
 
-namespace phm {
-
-// Entry points of peftcore._C (bindings.cpp): operands as integer addresses, dtype by name.
-// They check what an address cannot show (null or misaligned pointers, sizes, row strides that
-// would overlap written rows) and throw std::invalid_argument naming the argument, which pybind11
-// raises as ValueError.  peftcore/native/phm.py checks dtype, device and shape before calling.
-// A zero address for an output of the backward means "not needed".
-
-void cpu_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t rule, uintptr_t w_left,
-             uintptr_t w_right, uintptr_t bias, uintptr_t y, uintptr_t t, int64_t M, int64_t n,
-             int64_t P, int64_t Q, int64_t k, int nthreads);
-
-void cpu_bwd(const std::string& dtype, uintptr_t dy, int64_t lddy, uintptr_t x, int64_t ldx,
-             uintptr_t t, uintptr_t rule, uintptr_t w_left, uintptr_t w_right, uintptr_t dx,
-             uintptr_t drule, uintptr_t dw_left, uintptr_t dw_right, uintptr_t dbias, int64_t M,
-             int64_t n, int64_t P, int64_t Q, int64_t k, int nthreads);
-
-// CUDA: w_left_t is W_l transposed to [n, k, P] (contiguous); y, t, dx and the gradients are in
-// the input dtype; the launches go on `stream` of the current device.  `workspace` holds
-// cuda_bwd_workspace(...) bytes (fp32 per-chunk partial sums of the weight gradients).
-void cuda_fwd(const std::string& dtype, uintptr_t x, int64_t ldx, uintptr_t rule,
-              uintptr_t w_left_t, uintptr_t w_right, uintptr_t bias, uintptr_t y, uintptr_t t,
-              int64_t M, int64_t n, int64_t P, int64_t Q, int64_t k, uintptr_t stream);
-
-int64_t cuda_bwd_workspace(int64_t M, int64_t n, int64_t P, int64_t Q, int64_t k);
-
-void cuda_bwd(const std::string& dtype, uintptr_t dy, int64_t lddy, uintptr_t x, int64_t ldx,
-              uintptr_t t, uintptr_t rule, uintptr_t w_left_t, uintptr_t w_right, uintptr_t dx,
-              uintptr_t drule, uintptr_t dw_left, uintptr_t dw_right, uintptr_t dbias, int64_t M,
-              int64_t n, int64_t P, int64_t Q, int64_t k, uintptr_t workspace,
-              int64_t workspace_bytes, uintptr_t stream);
-
-}  // namespace phm
 }  // namespace peftcore

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton kernels
 
 from peftcore import native
+from peftcore.native import dl
 from peftcore.native import lora_mixed as nmix
 from peftcore.ops import lora_mixed_linear
 from peftcore.reference.lora_mixed import lora_mixed_fwd as ref_fwd
@@ -323,10 +324,12 @@ def test_binding_rejects_bad_segments_and_pointers():
     x, a, b = torch.randn(6, 8), torch.randn(2, 3, 8), torch.randn(2, 5, 3)
     s, y = torch.ones(2), torch.zeros(6, 5)
     seg_a, seg_n = torch.tensor([0, -1, 1], dtype=torch.int32), torch.tensor([3, 1, 2])
-    good = {"dtype": "float32", "x": x.data_ptr(), "ldx": 8, "a": a.data_ptr(), "b": b.data_ptr(),
-            "scaling": s.data_ptr(), "seg_adapter": seg_a.data_ptr(), "seg_len": seg_n.data_ptr(), "num_segs": 3,
-            "y": y.data_ptr(), "ldy": 5, "M": 6, "K": 8, "N": 5, "R": 3, "J": 2}
-    C.lora_mixed_fwd(**good)
+    good = {"x": x, "a": a, "b": b, "scaling": s, "seg_adapter": seg_a, "seg_len": seg_n, "y": y}
+
+    def call(fn=C.lora_mixed_fwd, **kw):
+        fn(**{k: dl(v) if isinstance(v, torch.Tensor) else v for k, v in {**good, **kw}.items()})
+
+    call()
     want = torch.cat([x[:3] @ a[0].t() @ b[0].t(), torch.zeros(1, 5), x[4:] @ a[1].t() @ b[1].t()])
     assert rel_err(y, want) < 1e-5
     for adapters, lengths, match in [
@@ -338,26 +341,28 @@ def test_binding_rejects_bad_segments_and_pointers():
     ]:
         sa, sn = torch.tensor(adapters, dtype=torch.int32), torch.tensor(lengths)
         with pytest.raises(ValueError, match=match):
-            C.lora_mixed_fwd(**{**good, "seg_adapter": sa.data_ptr(), "seg_len": sn.data_ptr()})
-    for bad, match in [
-        ({"x": 0}, "x is a null pointer"),
-        ({"b": b.data_ptr() + 2}, "b is not aligned"),
-        ({"seg_len": seg_n.data_ptr() + 4}, "seg_len is not aligned"),
-        ({"ldy": 4}, "y row stride 4 is smaller than K=5"),
-        ({"num_segs": 7}, r"num_segs must be in \[0, M=6\]"),
-        ({"R": 0}, "rank R must be in"),
-        ({"J": 0}, "adapters J must be >= 1"),
-        ({"dtype": "bfloat16"}, "CPU kernels take float32 or float64"),
+            call(seg_adapter=sa, seg_len=sn)
+    for bad, err, match in [
+        ({"x": x.data_ptr()}, TypeError, "x must be a DLPack capsule"),
+        ({"b": torch.randn(2, 6, 3)}, ValueError, r"b must have shape \[J, N, R\] = \[2, 5, 3\]"),
+        ({"seg_len": seg_n[:2]}, ValueError, r"seg_len must have shape \[num_segs\] = \[3\]"),
+        ({"seg_len": seg_n.int()}, TypeError, "seg_len must have dtype int64"),
+        ({"y": torch.zeros(6, 10)[:, ::2]}, ValueError, "y must have a unit column stride"),
+        ({"y": torch.zeros(30).as_strided((6, 5), (4, 1))}, ValueError, "y row stride 4 is smaller than its row"),
+        ({"seg_adapter": torch.zeros(7, dtype=torch.int32), "seg_len": torch.ones(7, dtype=torch.int64)},
+         ValueError, "seg_adapter has 7 segments, more than M=6"),
+        ({"a": torch.randn(2, 0, 8), "b": torch.randn(2, 5, 0)}, ValueError, "rank R must be in"),
+        ({"a": torch.randn(0, 3, 8)}, ValueError, "J >= 1 adapters"),
+        ({"x": x.bfloat16()}, TypeError, "x must have dtype float32 or float64"),
     ]:
-        with pytest.raises(ValueError, match=match):
-            C.lora_mixed_fwd(**{**good, **bad})
+        with pytest.raises(err, match=match):
+            call(**bad)
     with pytest.raises(ValueError, match="block_m must be 16 or 64"):
         C.cuda_lora_mixed_workspace(4, 32, 64, 8)
-    if not C.CUDA:
-        good_cuda = {k: v for k, v in good.items() if k not in ("seg_adapter", "seg_len", "num_segs")}
-        with pytest.raises(ValueError, match="built without CUDA"):
-            C.cuda_lora_mixed_fwd(**good_cuda, tiles=0, num_tiles=0, block_m=16, workspace=0, workspace_bytes=0,
-                                  stream=0)
+    cuda = {k: v for k, v in good.items() if k not in ("seg_adapter", "seg_len")}
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        C.cuda_lora_mixed_fwd(**{k: dl(v) for k, v in cuda.items()}, tiles=dl(torch.zeros(1, 3, dtype=torch.int32)),
+                              block_m=16, workspace=None, stream=0)
 
 
 def test_segments_of_rows():

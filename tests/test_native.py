@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peftcore import native
+from peftcore.native import dl
 from peftcore.ops import lora_linear
 from peftcore.reference.lora import lora_linear_formula
 from peftcore.reference.rng import dropout_threshold, hash32_int, keep_mask
@@ -26,10 +27,6 @@ TOL = {torch.float32: FP32_TOL, torch.float64: FP64_TOL}
 
 def _C():
     return native.load()
-
-
-def _name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def _strided(rows, cols, dtype, g, pad=0, device="cpu"):
@@ -118,7 +115,7 @@ def test_hash32_matches_reference(x):
        p=st.sampled_from([0.0, 1e-7, 0.1, 0.5, 0.9, 0.999999]))
 def test_keep_mask_bit_exact(m, k, seed, p):
     out = torch.empty(m, k, dtype=torch.uint8)
-    _C().keep_mask(out.data_ptr(), m, k, seed, dropout_threshold(p))
+    _C().keep_mask(dl(out), seed, dropout_threshold(p))
     assert torch.equal(out.bool(), keep_mask(m, k, seed, p))
 
 
@@ -130,8 +127,7 @@ def test_down_fwd_mask_bit_exact(dtype, m, k, seed, p):
     x = torch.ones(m, k, dtype=dtype)
     a = torch.eye(k, dtype=dtype)
     xa = torch.empty(m, k, dtype=dtype)
-    _C().down_fwd(_name(dtype), x.data_ptr(), k, a.data_ptr(), xa.data_ptr(), m, k, k, seed,
-                  dropout_threshold(p), 1.0)
+    _C().down_fwd(dl(x), dl(a), dl(xa), seed, dropout_threshold(p), 1.0)
     assert torch.equal(xa != 0, keep_mask(m, k, seed, p))
 
 
@@ -147,8 +143,7 @@ def test_down_fwd_matches_float64(dtype, m, k, r, pad, p, seed):
     x = _strided(m, k, dtype, g, pad)
     a = torch.randn(r, k, generator=g, dtype=torch.float64).to(dtype)
     xa = torch.empty(m, r, dtype=dtype)
-    _C().down_fwd(_name(dtype), x.data_ptr(), x.stride(0), a.data_ptr(), xa.data_ptr(), m, k, r, seed,
-                  dropout_threshold(p), 1.0 / (1.0 - p))
+    _C().down_fwd(dl(x), dl(a), dl(xa), seed, dropout_threshold(p), 1.0 / (1.0 - p))
     mask = _ref_mask(m, k, seed, p) / (1.0 - p)
     ref = (x.double() * mask) @ a.double().t()
     _close(xa, ref, (x * mask.to(dtype)) @ a.t(), TOL[dtype], "xa")
@@ -168,9 +163,7 @@ def test_down_bwd_matches_float64(dtype, m, k, r, pad, p, outs, seed):
     dx0 = dx_store.clone()
     dx = dx_store[:, :k] if outs in ("both", "dx") else None
     da = torch.empty(r, k, dtype=dtype) if outs in ("both", "da") else None
-    _C().down_bwd(_name(dtype), gr.data_ptr(), a.data_ptr(), x.data_ptr(), x.stride(0),
-                  dx.data_ptr() if dx is not None else 0, dx_store.stride(0),
-                  da.data_ptr() if da is not None else 0, m, k, r, seed, dropout_threshold(p), 1.0 / (1.0 - p))
+    _C().down_bwd(dl(gr), dl(a), dl(x), dl(dx), dl(da), seed, dropout_threshold(p), 1.0 / (1.0 - p))
     mask = _ref_mask(m, k, seed, p) / (1.0 - p)
     if dx is not None:
         ref = dx0[:, :k].double() + mask * (gr.double() @ a.double())
@@ -196,8 +189,7 @@ def test_down_fwd_fused_up_projection(dtype, m, k, n, r, p, seed):
     y0 = y_store.clone()
     y = y_store[:, :n]
     xa = torch.empty(m, r, dtype=dtype)
-    _C().down_fwd(_name(dtype), x.data_ptr(), x.stride(0), a.data_ptr(), xa.data_ptr(), m, k, r, seed,
-                  dropout_threshold(p), 1.0 / (1.0 - p), y=y.data_ptr(), ldy=y.stride(0), b=b.data_ptr(), N=n,
+    _C().down_fwd(dl(x), dl(a), dl(xa), seed, dropout_threshold(p), 1.0 / (1.0 - p), y=dl(y), b=dl(b),
                   scaling=0.625)
     mask = _ref_mask(m, k, seed, p) / (1.0 - p)
     ref_xa = (x.double() * mask) @ a.double().t()
@@ -224,9 +216,8 @@ def test_lora_bwd_fused_matches_float64(dtype, m, k, n, r, p, outs, seed):
     da = torch.empty(r, k, dtype=dtype) if "da" in outs else None
     db = torch.empty(n, r, dtype=dtype) if "db" in outs else None
     s = 1.5
-    _C().lora_bwd(_name(dtype), dy.data_ptr(), dy.stride(0), b.data_ptr(), xa.data_ptr(), a.data_ptr(), x.data_ptr(),
-                  x.stride(0), dx.data_ptr() if dx is not None else 0, k, da.data_ptr() if da is not None else 0,
-                  db.data_ptr() if db is not None else 0, m, n, k, r, seed, dropout_threshold(p), 1.0 / (1.0 - p), s)
+    _C().lora_bwd(dl(dy), dl(b), dl(xa), dl(a), dl(x), dl(dx), dl(da), dl(db), seed, dropout_threshold(p),
+                  1.0 / (1.0 - p), s)
     mask = _ref_mask(m, k, seed, p) / (1.0 - p)
     g64, g32 = s * dy.double() @ b.double(), s * dy @ b
     if dx is not None:
@@ -249,10 +240,8 @@ def test_down_bwd_deterministic_across_thread_counts(shape):
     for nt in (1, 2, 3):
         da, da2, db = torch.empty(r, k), torch.empty(r, k), torch.empty(n, r)
         dx, dx2 = torch.zeros(m, k), torch.zeros(m, k)
-        _C().down_bwd("float32", gr.data_ptr(), a.data_ptr(), x.data_ptr(), k, dx.data_ptr(), k, da.data_ptr(),
-                      m, k, r, 7, dropout_threshold(0.1), 1 / 0.9, nt)
-        _C().lora_bwd("float32", dy.data_ptr(), n, b.data_ptr(), xa.data_ptr(), a.data_ptr(), x.data_ptr(), k,
-                      dx2.data_ptr(), k, da2.data_ptr(), db.data_ptr(), m, n, k, r, 7, dropout_threshold(0.1),
+        _C().down_bwd(dl(gr), dl(a), dl(x), dl(dx), dl(da), 7, dropout_threshold(0.1), 1 / 0.9, nt)
+        _C().lora_bwd(dl(dy), dl(b), dl(xa), dl(a), dl(x), dl(dx2), dl(da2), dl(db), 7, dropout_threshold(0.1),
                       1 / 0.9, 2.0, nt)
         outs.append((dx, da, dx2, da2, db))
     for other in outs[1:]:
@@ -266,8 +255,7 @@ def test_empty_rows():
     da = torch.full((r, k), 5.0)
     x = torch.empty(0, k)
     a, gr = torch.randn(r, k), torch.empty(0, r)
-    _C().down_bwd("float32", gr.data_ptr(), a.data_ptr(), x.data_ptr(), k, 0, k, da.data_ptr(), 0, k, r, 1,
-                  dropout_threshold(0.5), 2.0)
+    _C().down_bwd(dl(gr), dl(a), dl(x), None, dl(da), 1, dropout_threshold(0.5), 2.0)
     assert torch.equal(da, torch.zeros(r, k))
 
 
@@ -278,29 +266,27 @@ def test_empty_rows():
 def test_binding_rejects_bad_arguments():
     C = _C()
     x, a, xa = torch.randn(4, 8), torch.randn(2, 8), torch.empty(4, 2)
-    good = dict(dtype="float32", x=x.data_ptr(), ldx=8, a=a.data_ptr(), xa=xa.data_ptr(), M=4, K=8, R=2, seed=1,
-                threshold=100, scale=1.0)
-    C.down_fwd(**good)
-    for bad, match in [
-        (dict(x=0), "x is a null pointer"),
-        (dict(x=x.data_ptr() + 1), "not aligned"),
-        (dict(ldx=4), "row stride 4 is smaller than K=8"),
-        (dict(R=0), "rank R must be >= 1"),
-        (dict(M=-1), "sizes must be >= 0"),
-        (dict(threshold=2**24 + 1), "threshold must be in"),
-        (dict(seed=-1), "seed must be in"),
-        (dict(dtype="float16"), "CPU kernels take float32 or float64"),
-        (dict(scale=float("nan")), "scale must be finite"),
+    good = lambda: dict(x=dl(x), a=dl(a), xa=dl(xa), seed=1, threshold=100, scale=1.0)  # noqa: E731
+    C.down_fwd(**good())
+    for bad, err, match in [
+        (dict(x=x.data_ptr()), TypeError, "x must be a DLPack capsule"),
+        (dict(x=dl(torch.randn(8, 4)[:, ::2])), ValueError, "x must have a unit column stride"),
+        (dict(a=dl(torch.randn(0, 8))), ValueError, "rank R must be in"),
+        (dict(xa=dl(torch.empty(3, 2))), ValueError, r"xa must have shape \[M, R\] = \[4, 2\], got \[3, 2\]"),
+        (dict(threshold=2**24 + 1), ValueError, "threshold must be in"),
+        (dict(seed=-1), ValueError, "seed must be in"),
+        (dict(x=dl(x.half())), TypeError, "x must have dtype float32 or float64, got float16"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite"),
     ]:
-        with pytest.raises(ValueError, match=match):
-            C.down_fwd(**{**good, **bad})
-    with pytest.raises(ValueError, match="dx row stride"):
-        C.down_bwd("float32", xa.data_ptr(), a.data_ptr(), x.data_ptr(), 8, x.data_ptr(), 7, 0, 4, 8, 2, 1, 0, 1.0)
-    with pytest.raises(ValueError, match="g is a null pointer"):
-        C.down_bwd("float32", 0, a.data_ptr(), x.data_ptr(), 8, 0, 8, a.data_ptr(), 4, 8, 2, 1, 0, 1.0)
+        with pytest.raises(err, match=match):
+            C.down_fwd(**{**good(), **bad})
+    with pytest.raises(ValueError, match="dx overlaps x"):
+        C.down_bwd(dl(xa), dl(a), dl(x), dl(x), None, 1, 0, 1.0)
+    with pytest.raises(TypeError, match="g is required"):
+        C.down_bwd(None, dl(a), dl(x), None, dl(torch.empty(2, 8)), 1, 0, 1.0)
     if not C.CUDA:
-        with pytest.raises(ValueError, match="built without CUDA"):
-            C.cuda_down_fwd("float32", 1, 8, 1, 1, 4, 8, 2, 1, 0, 1.0, 0)
+        with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+            C.cuda_down_fwd(dl(x), dl(a), dl(xa), 1, 0, 1.0, 0)
 
 
 @needs_ext
@@ -425,7 +411,7 @@ def test_cuda_keep_mask_bit_exact(p):
     _cuda_or_skip()
     m, k, seed = 1037, 771, 123457
     out = torch.empty(m, k, dtype=torch.uint8, device="cuda")
-    _C().cuda_keep_mask(out.data_ptr(), m, k, seed, dropout_threshold(p), torch.cuda.current_stream().cuda_stream)
+    _C().cuda_keep_mask(dl(out), seed, dropout_threshold(p), torch.cuda.current_stream().cuda_stream)
     assert torch.equal(out.cpu().bool(), keep_mask(m, k, seed, p))
     # and the projection kernel's own mask
     x, a = torch.ones(70, 64, device="cuda"), torch.eye(64, device="cuda")

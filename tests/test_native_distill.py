@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from peftcore import native
 from peftcore.losses import distill_kl
 from peftcore.native import distill as nd
+from peftcore.native import dl
 from peftcore.reference import distill as rd
 
 from pc_testing import rel_err
@@ -148,8 +149,7 @@ def test_threads_do_not_change_results():
     two = _C().distill_fwd  # explicit thread count through the binding
     loss = torch.empty(37)
     grad = torch.empty(37, 1500)
-    two("float32", s.data_ptr(), s.stride(0), t.data_ptr(), t.stride(0), w.data_ptr(), loss.data_ptr(),
-        grad.data_ptr(), 37, 1500, 2.0, "jsd", 0.5, 2)
+    two(dl(s), dl(t), dl(w), dl(loss), dl(grad), 2.0, "jsd", 0.5, 2)
     assert torch.equal(loss, one[0]) and torch.equal(grad, one[1])
 
 
@@ -240,24 +240,29 @@ def test_binding_rejects_bad_arguments():
     loss, grad = torch.empty(3), torch.empty(3, 5)
 
     def call(**kw):
-        a = dict(dtype="float32", s=s.data_ptr(), lds=5, t=t.data_ptr(), ldt=5, row_weight=w.data_ptr(),
-                 loss=loss.data_ptr(), grad=grad.data_ptr(), N=3, V=5, temperature=1.0, kind="forward", beta=0.5)
+        a = dict(s=s, t=t, row_weight=w, loss=loss, grad=grad, temperature=1.0, kind="forward", beta=0.5)
         a.update(kw)
-        C.distill_fwd(**a)
+        C.distill_fwd(**{k: dl(v) if isinstance(v, torch.Tensor) else v for k, v in a.items()})
 
     call()  # the baseline is valid
-    for kw, msg in [({"dtype": "float16"}, "float32"), ({"kind": "kl"}, "kind"), ({"V": 0}, "V must be"),
-                    ({"N": -1}, "N must be"), ({"temperature": 0.0}, "temperature"),
-                    ({"temperature": float("nan")}, "temperature"), ({"kind": "jsd", "beta": 0.0}, "beta"),
-                    ({"s": 0}, "null"), ({"s": s.data_ptr() + 2}, "aligned"), ({"lds": 3}, "row stride"),
-                    ({"row_weight": 0}, "null"), ({"loss": 0}, "null"), ({"grad": s.data_ptr()}, "alias")]:
-        with pytest.raises(ValueError, match=msg):
+    for kw, err, msg in [({"s": s.half(), "t": t.half()}, TypeError, "s must have dtype float32, got float16"),
+                         ({"kind": "kl"}, ValueError, "kind"),
+                         ({"s": torch.randn(3, 0), "t": torch.randn(3, 0)}, ValueError, "V .* must be >= 1"),
+                         ({"t": torch.randn(3, 6)}, ValueError, r"t must have shape \[N, V\] = \[3, 5\]"),
+                         ({"temperature": 0.0}, ValueError, "temperature"),
+                         ({"temperature": float("nan")}, ValueError, "temperature"),
+                         ({"kind": "jsd", "beta": 0.0}, ValueError, "beta"),
+                         ({"s": s.data_ptr()}, TypeError, "DLPack capsule"),
+                         ({"s": torch.randn(5, 3).t()}, ValueError, "unit column stride"),
+                         ({"row_weight": torch.ones(4)}, ValueError, "row_weight must have shape"),
+                         ({"loss": torch.empty(2)}, ValueError, "loss must have shape"),
+                         ({"grad": s}, ValueError, "grad overlaps s")]:
+        with pytest.raises(err, match=msg):
             call(**kw)
-    call(grad=0)  # no gradient is fine
+    call(grad=None)  # no gradient is fine
     if not C.CUDA:
-        with pytest.raises(ValueError, match="without CUDA"):
-            C.cuda_distill_fwd("float32", s.data_ptr(), 5, t.data_ptr(), 5, w.data_ptr(), loss.data_ptr(), 0, 3, 5,
-                               1.0, "forward", 0.5, 0)
+        with pytest.raises(ValueError, match="s must be a CUDA tensor"):
+            C.cuda_distill_fwd(dl(s), dl(t), dl(w), dl(loss), None, 1.0, "forward", 0.5, 0)
 
 
 # --------------------------------------------------------------------------------------- GPU

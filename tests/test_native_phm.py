@@ -10,10 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peftcore import native
+from peftcore.native import dl
 from peftcore.ops import phm_linear
 from peftcore.reference import phm as ref
 from peftcore.reference.phm import phm_linear_formula
 
+import dlpack_testing as dlc
 from pc_testing import rel_err
 
 REASON = native.unavailable_reason()
@@ -232,41 +234,51 @@ def test_binding_rejects_bad_arguments():
     n, P, Q, k, m = 2, 3, 5, 2, 4
     x, rule, wl, wr = torch.randn(m, n * P), torch.randn(n, n, n), torch.randn(n, P, k), torch.randn(n, k, Q)
     y, t = torch.empty(m, n * Q), torch.empty(m, n, n, k)
-    good = {"dtype": "float32", "x": x.data_ptr(), "ldx": n * P, "rule": rule.data_ptr(), "w_left": wl.data_ptr(),
-            "w_right": wr.data_ptr(), "bias": 0, "y": y.data_ptr(), "t": t.data_ptr(), "M": m, "n": n, "P": P,
-            "Q": Q, "k": k}
-    C.phm_fwd(**good)
+    good = {"x": x, "rule": rule, "w_left": wl, "w_right": wr, "bias": None, "y": y, "t": t}
+
+    def fwd(**kw):
+        C.phm_fwd(**{k: dl(v) if isinstance(v, torch.Tensor) else v for k, v in {**good, **kw}.items()})
+
+    fwd()
     assert rel_err(y, ref.phm_fwd(x, rule, wl, wr, None)[0]) < 1e-6
-    for bad, match in [
-        ({"x": 0}, "x is a null pointer"),
-        ({"w_left": wl.data_ptr() + 2}, "w_left is not aligned"),
-        ({"ldx": n * P - 1}, "x row stride 5 is smaller than its row length 6"),
-        ({"ldx": -1}, "row stride must be >= 0"),
-        ({"M": -1}, "sizes must be >= 0"),
-        ({"n": 0}, "phm_dim n must be in"),
-        ({"k": 0}, "rank k must be >= 1"),
-        ({"P": 2**40}, "out of range"),
-        ({"dtype": "float16"}, "CPU kernels take float32 or float64"),
+    overlapping = torch.randn(m * n * P)
+    for bad, err, match in [
+        ({"x": x.data_ptr()}, TypeError, "x must be a DLPack capsule"),
+        ({"w_left": torch.randn(n, P + 1, k)}, ValueError, r"x must have shape \[M, n\*P\] = \[4, 8\]"),
+        ({"x": overlapping.as_strided((m, n * P), (n * P - 1, 1))}, ValueError,
+         "x row stride 5 is smaller than its row length 6"),
+        ({"rule": torch.randn(n, n, n + 1)}, ValueError, "rule must have shape"),
+        ({"w_right": torch.randn(n, k + 1, Q)}, ValueError, "w_right must have shape"),
+        ({"y": torch.empty(m, n * Q - 1)}, ValueError, "y must have shape"),
+        ({"t": torch.empty(m, n, n, k + 1)}, ValueError, "t must have shape"),
+        ({"w_left": torch.randn(n, P, 0)}, ValueError, "rank k must be >= 1"),
+        ({"x": x.half()}, TypeError, "x must have dtype float32 or float64"),
+        ({"x": y[:, : n * P]}, ValueError, "y overlaps x"),
     ]:
-        with pytest.raises(ValueError, match=match):
-            C.phm_fwd(**{**good, **bad})
+        with pytest.raises(err, match=match):
+            fwd(**bad)
     dy = torch.randn(m, n * Q)
-    with pytest.raises(ValueError, match="dy is a null pointer"):
-        C.phm_bwd("float32", 0, n * Q, x.data_ptr(), n * P, t.data_ptr(), rule.data_ptr(), wl.data_ptr(),
-                  wr.data_ptr(), 0, 0, 0, 0, 8, m, n, P, Q, k)
-    with pytest.raises(ValueError, match="dbias is not aligned"):
-        C.phm_bwd("float32", dy.data_ptr(), n * Q, x.data_ptr(), n * P, t.data_ptr(), rule.data_ptr(),
-                  wl.data_ptr(), wr.data_ptr(), 0, 0, 0, 0, 6, m, n, P, Q, k)
-    # CUDA entry points: refused before any address is used (no GPU needed)
-    with pytest.raises(ValueError, match="built without CUDA|CUDA kernels take float32, float16 or bfloat16"):
-        C.cuda_phm_fwd("float64", 8, 6, 8, 8, 8, 0, 8, 8, 4, 2, 3, 5, 2, 0)
-    with pytest.raises(ValueError, match="built without CUDA|use the triton or reference backend"):
-        C.cuda_phm_fwd("float32", 8, 96, 8, 8, 8, 0, 8, 8, 4, 32, 3, 5, 1, 0)
-    if C.CUDA:
-        ws = C.cuda_phm_bwd_workspace(4096, 4, 256, 8, 1)
-        assert ws > 0 and ws % 4 == 0 and C.cuda_phm_bwd_workspace(0, 4, 256, 8, 1) == 0
-        with pytest.raises(ValueError, match="workspace of 4 bytes"):
-            C.cuda_phm_bwd("float32", 8, 32, 8, 1024, 8, 8, 8, 8, 0, 8, 0, 0, 0, 4096, 4, 256, 8, 1, 8, 4, 0)
+    with pytest.raises(TypeError, match="dy is required"):
+        C.phm_bwd(None, dl(x), dl(t), dl(rule), dl(wl), dl(wr), None, None, None, None, dl(torch.empty(n * Q)))
+    with pytest.raises(ValueError, match="dbias must have shape"):
+        C.phm_bwd(dl(dy), dl(x), dl(t), dl(rule), dl(wl), dl(wr), None, None, None, None, dl(torch.empty(n * Q - 1)))
+    # CUDA entry points: refused before any kernel runs (no GPU needed)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        C.cuda_phm_fwd(dl(x), dl(rule), dl(wl.transpose(1, 2).contiguous()), dl(wr), None, dl(y), dl(t), 0)
+    # CUDA-labelled capsules of host memory: the checks run, no kernel does
+    n2, P2, Q2 = 32, 3, 5  # phm_dim 32 with rank 1 does not fit the CUDA kernels' shared memory
+    big = [torch.randn(4, n2 * P2), torch.randn(n2, n2, n2), torch.randn(n2, 1, P2), torch.randn(n2, 1, Q2)]
+    outs = [torch.empty(4, n2 * Q2), torch.empty(4, n2, n2, 1)]
+    with pytest.raises(ValueError, match="use the triton or reference backend"):
+        C.cuda_phm_fwd(*map(dlc.cuda, big), None, *map(dlc.cuda, outs), 0)
+    ws = C.cuda_phm_bwd_workspace(4096, 4, 256, 8, 1)
+    assert ws > 0 and ws % 4 == 0 and C.cuda_phm_bwd_workspace(0, 4, 256, 8, 1) == 0
+    m2 = 4096
+    args = [torch.empty(m2, n * Q), torch.empty(m2, n * P), torch.empty(m2, n, n, k), rule,
+            wl.transpose(1, 2).contiguous(), wr]
+    with pytest.raises(ValueError, match="workspace holds 4 bytes"):
+        C.cuda_phm_bwd(*map(dlc.cuda, args), None, dlc.cuda(torch.empty(n, n, n)), None, None, None,
+                       dlc.cuda(torch.empty(4, dtype=torch.uint8)), 0)
 
 
 # ------------------------------------------------------------------------------------------ GPU

@@ -193,12 +193,23 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-# Tensors as the kernels take them: an address, a row stride, a stream.
+# Tensors as the bindings take them: DLPack capsules (the bindings check shape, strides, dtype and
+# device themselves), and a stream.
+
+_to_dlpack = None
 
 
-def row_stride(t) -> int:
-    """Row stride of a 2-D tensor whose columns are unit-stride (any valid value when it has <= 1 row)."""
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+def dl(t):
+    """t as a DLPack capsule for a binding of ``peftcore._C``; None stays None (an output not asked
+    for, an absent bias).  The capsule shares t's memory: outputs are written in place."""
+    global _to_dlpack
+    if t is None:
+        return None
+    if _to_dlpack is None:
+        from torch.utils.dlpack import to_dlpack
+
+        _to_dlpack = to_dlpack
+    return _to_dlpack(t)
 
 
 def dense(t):
@@ -211,11 +222,6 @@ def rowwise(t):
     if t.dim() == 2 and t.shape[0] > 1 and 0 < t.stride(0) < t.shape[1]:
         return t.contiguous()
     return t
-
-
-def ptr(t) -> int:
-    """t's address, 0 for None (an output not asked for, an absent bias)."""
-    return 0 if t is None else t.data_ptr()
 
 
 def cuda_stream(t) -> int:

@@ -27,8 +27,8 @@ ran): frozen linear 39.2 ms, cpp 42.7 ms (p 0.1) / 42.9 ms (p 0), reference 136.
 fused path kept ~1.3x the floor where the torch-GEMM path went to ~1.7x.
 
 The backend is picked from ``x.device``: CPU tensors run the OpenMP kernels, CUDA tensors the CUDA
-kernels on the current stream of x's device.  Every tensor is checked (dtype, device, layout)
-before its address goes to C++.
+kernels on the current stream of x's device.  Every tensor is checked here (dtype, device, shape
+against the others, layout) and goes to C++ as a DLPack capsule, which the binding checks again.
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ from . import (
     check_device_dtype,
     cuda_stream,
     dense,
-    dtype_name,
+    dl,
     num_threads,
-    ptr,
     require,
-    row_stride,
     rowwise,
 )
 
@@ -98,12 +96,9 @@ def down_fwd(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> torc
     if x.is_cuda:
         ext = require(cuda=True)
         with torch.cuda.device(x.device):
-            ext.cuda_down_fwd(dtype_name(x.dtype), x.data_ptr(), row_stride(x), a.data_ptr(), xa.data_ptr(),
-                              M, K, R, seed, thr, scale, cuda_stream(x))
+            ext.cuda_down_fwd(dl(x), dl(a), dl(xa), seed, thr, scale, cuda_stream(x))
     else:
-        ext = require(cuda=False)
-        ext.down_fwd(dtype_name(x.dtype), x.data_ptr(), row_stride(x), a.data_ptr(), xa.data_ptr(),
-                     M, K, R, seed, thr, scale, num_threads())
+        require(cuda=False).down_fwd(dl(x), dl(a), dl(xa), seed, thr, scale, num_threads())
     return xa
 
 
@@ -129,22 +124,16 @@ def down_bwd(g, lora_a, x, dx, p, seed, need_a: bool):
     a = dense(lora_a)
     thr = dropout_threshold(p)
     scale = 1.0 / (1.0 - p)
-    dx_ptr, lddx = (dx.data_ptr(), row_stride(dx)) if dx is not None else (0, K)
     if x.is_cuda:
         ext = require(cuda=True)
         da32 = torch.empty(R, K, dtype=torch.float32, device=x.device) if need_a else None
         nbytes = ext.cuda_down_bwd_workspace(M, K, R) if need_a else 0
         ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if nbytes else None
         with torch.cuda.device(x.device):
-            ext.cuda_down_bwd(
-                dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), row_stride(x), dx_ptr, lddx,
-                ptr(da32), M, K, R, seed, thr, scale, ptr(ws), nbytes, cuda_stream(x),
-            )
+            ext.cuda_down_bwd(dl(g), dl(a), dl(x), dl(dx), dl(da32), seed, thr, scale, dl(ws), cuda_stream(x))
         return da32.to(lora_a.dtype) if need_a else None
-    ext = require(cuda=False)
     da = torch.empty(R, K, dtype=x.dtype) if need_a else None
-    ext.down_bwd(dtype_name(x.dtype), g.data_ptr(), a.data_ptr(), x.data_ptr(), row_stride(x), dx_ptr, lddx,
-                 ptr(da), M, K, R, seed, thr, scale, num_threads())
+    require(cuda=False).down_bwd(dl(g), dl(a), dl(x), dl(dx), dl(da), seed, thr, scale, num_threads())
     return da
 
 
@@ -152,7 +141,7 @@ def keep_mask(m: int, k: int, p: float, seed: int) -> torch.Tensor:
     """The dropout keep-mask ``[m, k]`` (bool) of the shared counter-based RNG, from the C++ kernel."""
     mask = torch.empty(m, k, dtype=torch.uint8)
     if m and k:
-        require(cuda=False).keep_mask(mask.data_ptr(), m, k, seed, dropout_threshold(p), num_threads())
+        require(cuda=False).keep_mask(dl(mask), seed, dropout_threshold(p), num_threads())
     return mask.view(torch.bool)
 
 
@@ -202,19 +191,16 @@ def _use_kernel(x: torch.Tensor, p: float) -> bool:
 
 def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed):
     """One pass over x: xa = dropout(x) Aᵀ and y += scaling · xa Bᵀ, after torch's y = x Wᵀ + b."""
-    _check("lora_a", lora_a, x)
-    _check("lora_b", lora_b, x)
     x = rowwise(x)
-    M, K = x.shape
-    R, N = lora_a.shape[0], lora_b.shape[0]
+    M = x.shape[0]
+    R = lora_a.shape[0]
     a, b = dense(lora_a), dense(lora_b)
     y = F.linear(x, weight, bias)
     if not y.is_contiguous():  # F.linear returns a fresh [M, N]; be sure before writing into it
         y = y.contiguous()
     xa = torch.empty(M, R, dtype=x.dtype)
     require(cuda=False).down_fwd(
-        dtype_name(x.dtype), x.data_ptr(), row_stride(x), a.data_ptr(), xa.data_ptr(), M, K, R, seed,
-        dropout_threshold(p), 1.0 / (1.0 - p), num_threads(), y=y.data_ptr(), ldy=N, b=b.data_ptr(), N=N,
+        dl(x), dl(a), dl(xa), seed, dropout_threshold(p), 1.0 / (1.0 - p), num_threads(), y=dl(y), b=dl(b),
         scaling=float(scaling),
     )
     return y, xa
@@ -222,30 +208,52 @@ def _cpu_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed):
 
 def _cpu_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, need_x, need_a, need_b):
     """torch's dx = dy W, then one pass for dx += dropout(g A), dA, dB with g = scaling · dy B."""
-    _check("dy", dy, x)
-    _check("xa", xa, x)
-    _check("lora_a", lora_a, x)
-    _check("lora_b", lora_b, x)
-    M, K = x.shape
+    K = x.shape[1]
     R, N = lora_a.shape[0], lora_b.shape[0]
-    if dy.shape != (M, N) or (N > 1 and dy.stride(1) != 1):
-        raise ValueError(f"dy must be [{M}, {N}] with unit column stride, got {tuple(dy.shape)} {dy.stride()}")
+    if N > 1 and dy.stride(1) != 1:
+        dy = dy.contiguous()
     x, dy = rowwise(x), rowwise(dy)
     xa, a, b = dense(xa), dense(lora_a), dense(lora_b)
     dx = torch.mm(dy, weight) if need_x else None  # fresh and contiguous: the kernel adds into it
     da = torch.empty(R, K, dtype=x.dtype) if need_a else None
     db = torch.empty(N, R, dtype=x.dtype) if need_b else None
     require(cuda=False).lora_bwd(
-        dtype_name(x.dtype), dy.data_ptr(), row_stride(dy), b.data_ptr(), xa.data_ptr(), a.data_ptr(), x.data_ptr(),
-        row_stride(x), ptr(dx), K, ptr(da), ptr(db), M, N, K, R, seed, dropout_threshold(p), 1.0 / (1.0 - p),
+        dl(dy), dl(b), dl(xa), dl(a), dl(x), dl(dx), dl(da), dl(db), seed, dropout_threshold(p), 1.0 / (1.0 - p),
         float(scaling), num_threads(),
     )
     return dx, da, db
 
 
+def _check_shapes(x, weight, bias, lora_a, lora_b) -> tuple[int, int, int, int]:
+    """(M, K, N, R) after checking weight ``[N, K]``, bias ``[N]`` or None, lora_a ``[R, K]`` and
+    lora_b ``[N, R]`` against x ``[M, K]`` (tensors on x's device in x's dtype)."""
+    _check("weight", weight, x)
+    _check("lora_a", lora_a, x)
+    _check("lora_b", lora_b, x)
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must be [N, K={K}] for x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if lora_a.shape[1] != K:
+        raise ValueError(f"lora_a must be [R, K={K}] for x {tuple(x.shape)}, got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (N, R):
+        raise ValueError(f"lora_b must be [N={N}, R={R}] for weight {tuple(weight.shape)} and lora_a "
+                         f"{tuple(lora_a.shape)}, got {tuple(lora_b.shape)}")
+    if bias is not None:
+        _check("bias", bias, x, dims=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must be [N={N}] or None, got {tuple(bias.shape)}")
+    return M, K, N, R
+
+
 def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed):
-    """y ``[M, N]`` = x Wᵀ + b + scaling · xa Bᵀ and xa ``[M, R]`` = dropout(x) Aᵀ."""
+    """y ``[M, N]`` = x Wᵀ + b + scaling · xa Bᵀ and xa ``[M, R]`` = dropout(x) Aᵀ.
+
+    x ``[M, K]`` (unit column stride), weight ``[N, K]``, bias ``[N]`` or None, lora_a ``[R, K]``,
+    lora_b ``[N, R]``, all on one device in one dtype.
+    """
     _check_x(x, CPU_DTYPES)
+    _check_shapes(x, weight, bias, lora_a, lora_b)
     if not x.is_cuda and x.dtype in CPU_HALF:
         return _half_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed)
     if not _use_kernel(x, p):
@@ -260,10 +268,20 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed):
 
 
 def lora_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, needs):
-    """Gradients (dx, dweight, dbias, da, db); a gradient not in ``needs`` is None."""
+    """Gradients (dx, dweight, dbias, da, db); a gradient not in ``needs`` is None.
+
+    dy ``[M, N]``, xa ``[M, R]`` from :func:`lora_fwd`, the other tensors as there.
+    """
     need_x, need_w, need_bias, need_a, need_b = needs
     dx = dweight = dbias = da = db = None
     _check_x(x, CPU_DTYPES)
+    M, K, N, R = _check_shapes(x, weight, None, lora_a, lora_b)
+    _check("dy", dy, x)
+    _check("xa", xa, x)
+    if tuple(dy.shape) != (M, N):
+        raise ValueError(f"dy must be [M={M}, N={N}], got {tuple(dy.shape)}")
+    if tuple(xa.shape) != (M, R):
+        raise ValueError(f"xa must be [M={M}, R={R}], got {tuple(xa.shape)}")
     if not x.is_cuda and x.dtype in CPU_HALF:
         return _half_bwd(dy, x, xa, weight, lora_a, lora_b, scaling, p, seed, needs)
     if (need_x or need_a or need_b) and x.device.type == "cpu" and _use_kernel(x, p):

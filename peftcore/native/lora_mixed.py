@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from . import (
     check_device_dtype,
     cuda_stream,
+    dl,
     dtype_name,
     num_threads,
     require,
-    row_stride,
     rowwise,
 )
 
@@ -205,17 +205,14 @@ def lora_mixed_fwd(x, weight, bias, lora_a, lora_b, scaling, rows):
     if M == 0 or N == 0 or K == 0 or R == 0 or batch[0].shape[0] == 0:
         return y
     x = rowwise(x)  # overlapping rows: fine to read, but the binding wants ld >= K
-    ptrs = (dtype_name(x.dtype), x.data_ptr(), row_stride(x), lora_a.data_ptr(), lora_b.data_ptr(),
-            scaling.data_ptr())
-    sizes = (y.data_ptr(), N, M, K, N, R, J)
+    stacks = (dl(x), dl(lora_a), dl(lora_b), dl(scaling))
     if not x.is_cuda:
         adapter, length = batch
-        ext.lora_mixed_fwd(*ptrs, adapter.data_ptr(), length.data_ptr(), adapter.shape[0], *sizes, num_threads())
+        ext.lora_mixed_fwd(*stacks, dl(adapter), dl(length), dl(y), num_threads())
         return y
     T = batch.shape[0]
     nbytes = ext.cuda_lora_mixed_workspace(T, bm, K, R)
-    ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if nbytes else None
     with torch.cuda.device(x.device):
-        ext.cuda_lora_mixed_fwd(*ptrs, batch.data_ptr(), T, bm, *sizes, ws.data_ptr(), nbytes,
-                                cuda_stream(x))
+        ext.cuda_lora_mixed_fwd(*stacks, dl(batch), bm, dl(y), dl(ws), cuda_stream(x))
     return y
