@@ -9,6 +9,8 @@ What a model-changing call can touch, and how each is put back:
   place** on error (the same dict objects, so a hook's ``RemovableHandle`` taken before still
   removes it);
 * ``requires_grad`` of every parameter reachable on entry;
+* the attributes of a transformers model's ``config`` (and of the sub-configs it holds), which
+  prefix tuning changes;
 * base weights changed in place while the transaction runs (PiSSA moves the top singular
   directions out of W): the first in-place change of a tensor inside a transaction calls
   :func:`before_inplace`, which keeps a copy of it until the transaction ends; on error the copy
@@ -56,6 +58,16 @@ class _Snapshot:
             containers = {k: (v, _copy(v)) for k, v in d.items() if isinstance(v, _CONTAINERS)}
             self.modules.append((m, dict(d), containers))
         self.ids = {id(m) for m, _, _ in self.modules}
+        # Objects beside the modules that a method changes: a transformers model's config (prefix
+        # tuning switches its attention implementation) and the sub-configs it holds.
+        self.objects: dict[int, tuple[object, dict]] = {}
+        for m, saved, _ in self.modules:
+            cfg = saved.get("config")
+            if cfg is None or isinstance(cfg, (nn.Module, torch.Tensor)) or not hasattr(cfg, "__dict__"):
+                continue
+            for obj in [cfg] + [v for v in vars(cfg).values() if type(v).__name__.endswith("Config")]:
+                if hasattr(obj, "__dict__"):
+                    self.objects.setdefault(id(obj), (obj, dict(vars(obj))))
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.saved_data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -72,6 +84,11 @@ class _Snapshot:
                     d[k] = v
             for obj, items in containers.values():
                 _restore(obj, items)
+        for obj, saved in self.objects.values():
+            d = vars(obj)
+            for k in [k for k in d if k not in saved]:
+                del d[k]
+            d.update(saved)
         for p, flag in self.flags:
             p.requires_grad_(flag)
 

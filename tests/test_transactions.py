@@ -23,11 +23,12 @@ def snapshot(model):
         "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._load_state_dict_pre_hooks))
                   for n, m in model.named_modules()},
         "attrs": sorted(k for k in model.__dict__ if k.startswith("_peftcore") or k == "save_pretrained"),
+        "config": dict(vars(model.config)) if hasattr(model, "config") else None,  # prefix tuning edits it
     }
 
 
 def assert_same(before, after):
-    for field in ("keys", "grad", "tree", "hooks", "attrs"):
+    for field in ("keys", "grad", "tree", "hooks", "attrs", "config"):
         assert before[field] == after[field], field
     for k, v in before["values"].items():
         assert torch.equal(v, after["values"][k]), k
