@@ -106,7 +106,7 @@ def check_temperature(temperature) -> None:
     logit-matching loss, is not this op)."""
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
             or not (math.isfinite(temperature) and temperature > 0)):
-        raise ValueError(f"temperature must be a positive number (finite, > 0), got {temperature!r}")
+        raise ValueError(f"temperature must be a positive number, got {temperature!r} (T must be finite and > 0)")
 
 
 def _check(student_logits, teacher_logits, temperature, reduction, mask, kind, beta):
