@@ -128,6 +128,25 @@ inline VF log1p01(VF e) {
   return (z + z) * p;
 }
 
+// For x in [-0.4, 0.65]: -log1p(x) and psi(-log1p(x)) = x - log1p(x), psi(a) = a + e^-a - 1.
+// With z = x / (2 + x) and w = z^2, log1p(x) = 2 z (1 + w S(w)), S = 1/3 + w/5 + ... + w^6/15, and
+// x - log1p(x) = z^2 ((2 + x) - 2 z S(w)) (x - 2z = x z = z^2 (2 + x)): no cancellation at small x.
+inline void neg_log1p_psi(VF x, VF& neg_log1p, VF& psi) {
+  const VF two = splat(2.0f);
+  const VF z = x / (x + two);
+  const VF w = z * z;
+  VF sv = splat(1.0f / 15);
+  sv = sv * w + splat(1.0f / 13);
+  sv = sv * w + splat(1.0f / 11);
+  sv = sv * w + splat(1.0f / 9);
+  sv = sv * w + splat(1.0f / 7);
+  sv = sv * w + splat(1.0f / 5);
+  sv = sv * w + splat(1.0f / 3);
+  const VF zs = z * sv;
+  neg_log1p = -(z + z) * (w * sv + splat(1.0f));
+  psi = w * ((two + x) - (zs + zs));
+}
+
 struct Split {
   float hi, lo;
 };
@@ -187,34 +206,71 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
   const VF ms = splat(hmax(msv)), mt = splat(hmax(mtv));
   const VF half = splat(kSeriesMax);
 
-  // (2) exps and row sums.  Pad lanes load -inf: es = et = 0 and u = xt - xs = NaN.  A NaN or
-  // +inf logit, or a row of -inf, makes Z NaN or 0.
-  Wide wzs, wzt;
-  VF umax = splat(0.f);  // max |u| over the lanes where both es and et are > 0
-  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
-    const int64_t k1 = std::min(k0 + kChunk, Vp);
-    VF azs = splat(0.f), azt = splat(0.f);
-    for (int64_t k = k0; k < k1; k += L) {
-      VF sv, tv;
-      if (k < Vf) {
-        sv = load(s + k);
-        tv = load(t + k);
-      } else {
-        sv = load_part(s + k, V - k, -kInf);
-        tv = load_part(t + k, V - k, -kInf);
-      }
-      const VF xs = (sv - ms) * inv_t, xt = (tv - mt) * inv_t;
-      const VF es = exp_neg(xs), et = exp_neg(xt);
-      const VF u = xt - xs;
-      umax = vmax(keep_if((es > splat(0.f)) & (et > splat(0.f)), vabs(u)), umax);
-      azs += es;
-      azt += et;
+  // One element vector's xs, xt, es, et and u = xt - xs, the same code wherever it runs (so the
+  // compiler rounds, and contracts, it the same way: a refill of the scratch is bit-identical).
+  auto element = [&](int64_t k, VF& xs, VF& xt, VF& es, VF& et, VF& u) {
+    VF sv, tv;
+    if (k < Vf) {
+      sv = load(s + k);
+      tv = load(t + k);
+    } else {
+      sv = load_part(s + k, V - k, -kInf);
+      tv = load_part(t + k, V - k, -kInf);
+    }
+    xs = (sv - ms) * inv_t;
+    xt = (tv - mt) * inv_t;
+    es = exp_neg(xs);
+    et = exp_neg(xt);
+    u = xt - xs;
+  };
+  // The scratch es, et, u: written by pass (2) when the gradient or JSD's terms need it, else
+  // only if the row leaves the fast path (a loss-only KL at moderate T never writes it).
+  constexpr bool kStore = GRAD || K == DistillKind::kJsd;
+  bool stored = kStore;
+  auto refill = [&]() {
+    for (int64_t k = 0; k < Vp; k += L) {
+      VF xs, xt, es, et, u;
+      element(k, xs, xt, es, et, u);
       store(bq + k, es);
       store(bp + k, et);
       store(bd + k, u);
     }
+    stored = true;
+  };
+
+  // (2) exps and row sums.  Pad lanes load -inf: es = et = 0 and u = xt - xs = NaN.  A NaN or
+  // +inf logit, or a row of -inf, makes Z NaN or 0.
+  Wide wzs, wzt, wa, we;
+  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+    const int64_t k1 = std::min(k0 + kChunk, Vp);
+    VF azs = splat(0.f), azt = splat(0.f), aa = splat(0.f), ae = splat(0.f);
+    for (int64_t k = k0; k < k1; k += L) {
+      VF xs, xt, es, et, u;
+      element(k, xs, xt, es, et, u);
+      azs += es;
+      azt += et;
+      // The classic one-pass divergence sums and a bound of their rounding (see the fast path).
+      if (K == DistillKind::kForward) {
+        const VI m = et > splat(0.f);
+        aa += keep_if(m, et * u);
+        ae += keep_if(m, et * (vabs(xs) + vabs(xt)));
+      } else if (K == DistillKind::kReverse) {
+        const VI m = es > splat(0.f);
+        aa += keep_if(m, es * u);
+        ae += keep_if(m, es * (vabs(xs) + vabs(xt)));
+      }
+      if (kStore) {
+        store(bq + k, es);
+        store(bp + k, et);
+        store(bd + k, u);
+      }
+    }
     wzs.add(azs);
     wzt.add(azt);
+    if (K != DistillKind::kJsd) {
+      wa.add(aa);
+      we.add(ae);
+    }
   }
   const double zs = wzs.sum(), zt = wzt.sum();
   // The max element gives e^0 = 1 exactly, so a row with a softmax has 1 <= Z <= V.
@@ -223,32 +279,69 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
     if (GRAD) std::fill(grad, grad + V, nan);
     return nan;
   }
-  // Y = Zt - Zs.  When every |u| <= 0.5 (a high T: all of them are O(1/T)), Zt and Zs are nearly
-  // equal and Y is summed as es expm1(u) = es (u + P(u)) from the scratch, so that log(Zt / Zs) =
-  // log1p(Y / Zs) keeps the relative precision of u (lanes with es = 0 or et = 0 contribute
-  // et - es exactly either way).  Otherwise the fp64 difference of the sums is as good.
-  double y = zt - zs;
-  if (hmax(umax) <= kSeriesMax) {
-    Wide wy;
-    for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
-      const int64_t k1 = std::min(k0 + kChunk, Vp);
-      VF ay = splat(0.f);
-      for (int64_t k = k0; k < k1; k += L) {
-        const VF es = load(bq + k), et = load(bp + k), u = load(bd + k);
-        const VI both = (es > splat(0.f)) & (et > splat(0.f));
-        VF pu, pn;
-        p_series(keep_if(both, u), pu, pn);
-        ay += both ? es * (u + pu) : et - es;
-      }
-      wy.add(ay);
-    }
-    y = wy.sum();
-  }
-  const Split lr = split(std::log1p(y / zs));  // log(Zt / Zs), r = u - lr
-  const VF lr_hi = splat(lr.hi), lr_lo = splat(lr.lo);
+  double log_ratio = std::log(zt / zs);  // refined below for the cancellation-free path
   const VF izs = splat(static_cast<float>(1.0 / zs)), izt = splat(static_cast<float>(1.0 / zt));
   const double tw = c.t * w;
   const VF zero = splat(0.f);
+
+  // Fast path (forward, reverse): the classic one-pass divergence, forward sum(et u) / Zt -
+  // log(Zt/Zs), reverse -sum(es u) / Zs + log(Zt/Zs), is a difference of O(log V) numbers whose
+  // rounding is below err = 4 eps (E|xs| + E|xt| + |log Zs| + |log Zt| + 1) (a bound: the
+  // per-element roundings are independent and mostly cancel).  Where the divergence is >= 1e4 err
+  // (low and moderate T: most training rows) it is good to 1e-4 at worst (~1e-7 in practice) and
+  // the gradient q - p formed directly to ~eps / sqrt(KL); it is used, and pass (3) only writes
+  // the gradient.  Elsewhere (a high T, near-equal distributions) the cancellation-free terms of
+  // pass (3) run.
+  if (K != DistillKind::kJsd) {
+    const double z = K == DistillKind::kForward ? zt : zs;
+    const double kl_fast = K == DistillKind::kForward ? wa.sum() / zt - log_ratio : -wa.sum() / zs + log_ratio;
+    const double err = 4 * 5.96e-8 * (we.sum() / z + std::fabs(std::log(zs)) + std::fabs(std::log(zt)) + 1.0);
+    if (kl_fast >= 1e4 * err) {  // false for NaN / inf
+      if (GRAD) {
+        const VF gs = splat(static_cast<float>(tw));
+        const Split off = split(log_ratio - kl_fast);  // -r - KL = -u + (log(Zt/Zs) - KL)
+        const VF off_hi = splat(off.hi), off_lo = splat(off.lo);
+        auto g = [&](int64_t k) {
+          const VF q = load(bq + k) * izs;
+          if (K == DistillKind::kForward) return (q - load(bp + k) * izt) * gs;
+          return keep_if(q > zero, q * ((off_hi - load(bd + k)) + off_lo) * gs);
+        };
+        for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
+        if (tail) store_part(grad + Vf, g(Vf), V - Vf);
+      }
+      return static_cast<float>(c.t * c.t * kl_fast);
+    }
+  }
+  if (!stored) refill();
+  // Y = Zt - Zs.  When every |u| <= 0.5 (a high T: all of them are O(1/T)), Zt and Zs are nearly
+  // equal and Y is summed as es expm1(u) = es (u + P(u)) from the scratch, so that log(Zt / Zs) =
+  // log1p(Y / Zs) keeps the relative precision of u (lanes with es = 0 or et = 0 contribute
+  // et - es exactly either way).  Otherwise the fp64 ratio of the sums is as good.
+  {
+    VF umax = splat(0.f);  // max |u| over the lanes where both es and et are > 0
+    for (int64_t k = 0; k < Vp; k += L) {
+      const VI both = (load(bq + k) > splat(0.f)) & (load(bp + k) > splat(0.f));
+      umax = vmax(keep_if(both, vabs(load(bd + k))), umax);
+    }
+    if (hmax(umax) <= kSeriesMax) {
+      Wide wy;
+      for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+        const int64_t k1 = std::min(k0 + kChunk, Vp);
+        VF ay = splat(0.f);
+        for (int64_t k = k0; k < k1; k += L) {
+          const VF es = load(bq + k), et = load(bp + k), u = load(bd + k);
+          const VI both = (es > splat(0.f)) & (et > splat(0.f));
+          VF pu, pn;
+          p_series(keep_if(both, u), pu, pn);
+          ay += both ? es * (u + pu) : et - es;
+        }
+        wy.add(ay);
+      }
+      log_ratio = std::log1p(wy.sum() / zs);
+    }
+  }
+  const Split lr = split(log_ratio);  // log(Zt / Zs), r = u - lr
+  const VF lr_hi = splat(lr.hi), lr_lo = splat(lr.lo);
 
   // (3) the loss terms, each >= 0 (see distill_terms in peftcore/reference/distill.py): with
   // r = log p - log q and psi(x) = x + e^-x - 1, forward sum(p psi(r)), reverse sum(q psi(-r)),
@@ -263,7 +356,44 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
   const VF l1b_hi = splat(c.log_1mb.hi), l1b_lo = splat(c.log_1mb.lo);
   const VF g_scale = splat(static_cast<float>(tw));
   Wide wsp, wsq;
-  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+  bool done = false;
+  if (K == DistillKind::kJsd) {
+    // Fast path, as for the KLs: the classic sums beta sum(p A) + (1-beta) sum(q B) (A, B by the
+    // logaddexp form) cancel to the O(r^2) result from O(r) terms; with their rounding bounded by
+    // err = 4 eps (sum(p |A|) + sum(q |B|) + 1), a JSD >= 1e4 err is used as is (B kept for the
+    // gradient), else the cancellation-free terms below run.
+    Wide wfp, wfq, wfe;
+    for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+      const int64_t k1 = std::min(k0 + kChunk, Vp);
+      VF fp = splat(0.f), fq = splat(0.f), fe = splat(0.f);
+      for (int64_t k = k0; k < k1; k += L) {
+        const VF q = load(bq + k) * izs, p = load(bp + k) * izt;
+        const VF r = (load(bd + k) - lr_hi) - lr_lo;
+        const VF d = (cd_hi - r) + cd_lo;
+        const VF lp = log1p01(exp_neg(-vabs(d)));
+        const VF a_b = -(((lp + lb_hi) + pos(d)) + lb_lo);
+        const VF b_b = -(((lp + l1b_hi) + pos(-d)) + l1b_lo);
+        const VI pm = p > zero, qm = q > zero;
+        const VF tp = keep_if(pm, p * a_b), tq = keep_if(qm, q * b_b);
+        fp += tp;
+        fq += tq;
+        fe += vabs(tp) + vabs(tq);
+        store(bd + k, keep_if(qm, b_b));
+      }
+      wfp.add(fp);
+      wfq.add(fq);
+      wfe.add(fe);
+    }
+    const double fast = c.beta * wfp.sum() + (1.0 - c.beta) * wfq.sum();
+    if (fast >= 1e4 * (4 * 5.96e-8 * (wfe.sum() + 1.0))) {
+      wsp = wfp;
+      wsq = wfq;
+      done = true;
+    } else {
+      refill();  // the scratch u was overwritten by B
+    }
+  }
+  for (int64_t k0 = 0; k0 < (done ? 0 : Vp); k0 += kChunk) {
     const int64_t k1 = std::min(k0 + kChunk, Vp);
     VF asp = splat(0.f), asq = splat(0.f);
     for (int64_t k = k0; k < k1; k += L) {
@@ -288,21 +418,20 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
         const VF term = small ? q * pp : (p - q) - q * r;
         asp += qm ? term : p;
       } else {
-        // small |r|: A = -log1p((1-b) expm1(-r)), B = -log1p(b expm1(r)), both O(r)
-        const VF a_s = -log1p01(v1b * (pn - rs));
-        const VF b_s = -log1p01(vb * (pp + rs));
+        // small |r|: A = -log1p(xa), xa = (1-b) expm1(-r), B = -log1p(xb), xb = b expm1(r), both
+        // O(r), and psi(A) = xa - log1p(xa), psi(B) likewise, from one atanh series each
+        VF a_s, b_s, psa, psb;
+        neg_log1p_psi(v1b * (pn - rs), a_s, psa);
+        neg_log1p_psi(vb * (pp + rs), b_s, psb);
         // large |r|: with d = log((1-b) q / (b p)) = -r + log(1-b) - log b and Lp = log1p(e^-|d|),
         // A = -log b - max(d, 0) - Lp, B = -log(1-b) - max(-d, 0) - Lp
         const VF d = (cd_hi - r) + cd_lo;
         const VF lp = log1p01(exp_neg(-vabs(d)));
         const VF a_b = -(((lp + lb_hi) + pos(d)) + lb_lo);
         const VF b_b = -(((lp + l1b_hi) + pos(-d)) + l1b_lo);
-        const VF av = small ? a_s : a_b, bv = small ? b_s : b_b;
-        VF ap, an, bpp, bn;
-        p_series(keep_if(small, av), ap, an);
-        p_series(keep_if(small, bv), bpp, bn);
-        const VF tp = small ? p * an : p * a_b + v1b * (q - p);
-        const VF tq = small ? q * bn : q * b_b + vb * (p - q);
+        const VF bv = small ? b_s : b_b;
+        const VF tp = small ? p * psa : p * a_b + v1b * (q - p);
+        const VF tq = small ? q * psb : q * b_b + vb * (p - q);
         asp += pm ? tp : v1b * q;
         asq += qm ? tq : vb * p;
         if (GRAD) store(bd + k, keep_if(qm, bv));
