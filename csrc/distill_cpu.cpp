@@ -15,9 +15,14 @@
 // that cancel to O(1/T^2), so the loss is never negative and stays accurate at any T.  A row
 // holding a NaN or +inf logit, or only -inf ones, gives a NaN loss and a NaN gradient row.
 //
+// Fast path: where the classic sums (forward sum(et u)/Zt - log(Zt/Zs), JSD sum(p A) ...) give a
+// divergence >= 1e4 times a bound of their rounding (moderate T, most training rows), they are
+// used as they are (and the gradients q - p, q (D - KL) formed directly); only the other rows (a
+// high T, near-equal rows) pay for the cancellation-free terms.  Both agree to ~1e-7.
+//
 // Passes over a row while it sits in the core's L2: (1) max of s and t; (2) es, et, u and the
-// sums, es/et/u kept in a per-thread scratch; (3) the loss terms (and the forward gradient);
-// (4) the reverse / JSD gradient.  Row sums run in fp32 lanes over chunks of kChunk elements and
+// sums, es/et/u kept in a per-thread scratch (when the gradient or JSD needs it, or the row leaves
+// the fast path); (3) the loss terms (and the forward gradient); (4) the reverse / JSD gradient.  Row sums run in fp32 lanes over chunks of kChunk elements and
 // in fp64 lanes across chunks.  Row constants subtracted from per-element terms go in as fp32
 // hi + lo pairs so their rounding does not bias every element the same way.
 #include "distill_cpu.h"
@@ -312,36 +317,6 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
       return static_cast<float>(c.t * c.t * kl_fast);
     }
   }
-  if (!stored) refill();
-  // Y = Zt - Zs.  When every |u| <= 0.5 (a high T: all of them are O(1/T)), Zt and Zs are nearly
-  // equal and Y is summed as es expm1(u) = es (u + P(u)) from the scratch, so that log(Zt / Zs) =
-  // log1p(Y / Zs) keeps the relative precision of u (lanes with es = 0 or et = 0 contribute
-  // et - es exactly either way).  Otherwise the fp64 ratio of the sums is as good.
-  {
-    VF umax = splat(0.f);  // max |u| over the lanes where both es and et are > 0
-    for (int64_t k = 0; k < Vp; k += L) {
-      const VI both = (load(bq + k) > splat(0.f)) & (load(bp + k) > splat(0.f));
-      umax = vmax(keep_if(both, vabs(load(bd + k))), umax);
-    }
-    if (hmax(umax) <= kSeriesMax) {
-      Wide wy;
-      for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
-        const int64_t k1 = std::min(k0 + kChunk, Vp);
-        VF ay = splat(0.f);
-        for (int64_t k = k0; k < k1; k += L) {
-          const VF es = load(bq + k), et = load(bp + k), u = load(bd + k);
-          const VI both = (es > splat(0.f)) & (et > splat(0.f));
-          VF pu, pn;
-          p_series(keep_if(both, u), pu, pn);
-          ay += both ? es * (u + pu) : et - es;
-        }
-        wy.add(ay);
-      }
-      log_ratio = std::log1p(wy.sum() / zs);
-    }
-  }
-  const Split lr = split(log_ratio);  // log(Zt / Zs), r = u - lr
-  const VF lr_hi = splat(lr.hi), lr_lo = splat(lr.lo);
 
   // (3) the loss terms, each >= 0 (see distill_terms in peftcore/reference/distill.py): with
   // r = log p - log q and psi(x) = x + e^-x - 1, forward sum(p psi(r)), reverse sum(q psi(-r)),
@@ -362,13 +337,15 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
     // logaddexp form) cancel to the O(r^2) result from O(r) terms; with their rounding bounded by
     // err = 4 eps (sum(p |A|) + sum(q |B|) + 1), a JSD >= 1e4 err is used as is (B kept for the
     // gradient), else the cancellation-free terms below run.
+    const Split lr0 = split(log_ratio);  // fp64 log(Zt / Zs): as good as any where this path is taken
+    const VF lr0_hi = splat(lr0.hi), lr0_lo = splat(lr0.lo);
     Wide wfp, wfq, wfe;
     for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
       const int64_t k1 = std::min(k0 + kChunk, Vp);
       VF fp = splat(0.f), fq = splat(0.f), fe = splat(0.f);
       for (int64_t k = k0; k < k1; k += L) {
         const VF q = load(bq + k) * izs, p = load(bp + k) * izt;
-        const VF r = (load(bd + k) - lr_hi) - lr_lo;
+        const VF r = (load(bd + k) - lr0_hi) - lr0_lo;
         const VF d = (cd_hi - r) + cd_lo;
         const VF lp = log1p01(exp_neg(-vabs(d)));
         const VF a_b = -(((lp + lb_hi) + pos(d)) + lb_lo);
@@ -393,6 +370,39 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
       refill();  // the scratch u was overwritten by B
     }
   }
+  Split lr{0.f, 0.f};  // log(Zt / Zs) of the cancellation-free terms, r = u - lr
+  if (!done) {
+    if (!stored) refill();
+    // Y = Zt - Zs.  When every |u| <= 0.5 (a high T: all of them are O(1/T)), Zt and Zs are nearly
+    // equal and Y is summed as es expm1(u) = es (u + P(u)) from the scratch, so that log(Zt / Zs) =
+    // log1p(Y / Zs) keeps the relative precision of u (lanes with es = 0 or et = 0 contribute
+    // et - es exactly either way).  Otherwise the fp64 ratio of the sums is as good.
+    {
+      VF umax = splat(0.f);  // max |u| over the lanes where both es and et are > 0
+      for (int64_t k = 0; k < Vp; k += L) {
+        const VI both = (load(bq + k) > splat(0.f)) & (load(bp + k) > splat(0.f));
+        umax = vmax(keep_if(both, vabs(load(bd + k))), umax);
+      }
+      if (hmax(umax) <= kSeriesMax) {
+        Wide wy;
+        for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+          const int64_t k1 = std::min(k0 + kChunk, Vp);
+          VF ay = splat(0.f);
+          for (int64_t k = k0; k < k1; k += L) {
+            const VF es = load(bq + k), et = load(bp + k), u = load(bd + k);
+            const VI both = (es > splat(0.f)) & (et > splat(0.f));
+            VF pu, pn;
+            p_series(keep_if(both, u), pu, pn);
+            ay += both ? es * (u + pu) : et - es;
+          }
+          wy.add(ay);
+        }
+        log_ratio = std::log1p(wy.sum() / zs);
+      }
+    }
+    lr = split(log_ratio);
+  }
+  const VF lr_hi = splat(lr.hi), lr_lo = splat(lr.lo);
   for (int64_t k0 = 0; k0 < (done ? 0 : Vp); k0 += kChunk) {
     const int64_t k1 = std::min(k0 + kChunk, Vp);
     VF asp = splat(0.f), asq = splat(0.f);
