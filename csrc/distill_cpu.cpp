@@ -1,23 +1,30 @@
 // CPU kernel of the distillation loss.  See distill_cpu.h for the contract.
 //
-// Per row, with xs = (s - max s) / T, es = e^xs, Zs = sum(es), and likewise xt, et, Zt
-// for the teacher, log q - log p needs no per-element log:
-//   D = log q - log p = (xs - xt) + log Zt - log Zs
-//   forward  KL = sum(et (xt - xs)) / Zt + log Zs - log Zt,  dKL/d(s/T) = q - p
-//   reverse  KL = sum(es (xs - xt)) / Zs + log Zt - log Zs,  dKL/d(s/T) = q (D - KL)
-//   jsd      with d = D + log(1-b) - log b = log((1-b) q / (b p)) and Lp = log1p(e^-|d|):
-//            A = log m - log p = log b     + max(d, 0)  + Lp
-//            B = log m - log q = log(1-b)  + max(-d, 0) + Lp
-//            JSD = -b sum(p A) - (1-b) sum(q B),  dJSD/d(s/T) = q (h - sum(q h)),
-//            h = -(1-b) B
-// so each element costs two exps (plus one exp and one division for JSD).  Working in d keeps
-// -inf entries exact (p = 0 gives d = +inf, Lp = 0, B = log(1-b)) and m never underflows.
+// The math is the reference's (distill_terms in peftcore/reference/distill.py), per row:
+// with xs = (s - max s) / T, es = e^xs, Zs = sum(es), likewise xt, et, Zt, and u = xt - xs,
+//   r = log p - log q = u - log(Zt / Zs),   log(Zt / Zs) = log1p(Y / Zs),  Y = sum(es expm1(u))
+// (Y = Zt - Zs in fp64, or, when every |u| <= 0.5, summed as es (u + P(u)), P(x) = e^x - 1 - x,
+// so that at a high T, where every u is O(1/T), r keeps its relative precision), then the
+// non-negative terms:
+//   forward  KL = sum(p psi(r)),  psi(x) = x + e^-x - 1,   dKL/d(s/T) = q - p = -q expm1(r)
+//   reverse  KL = sum(q psi(-r)),                          dKL/d(s/T) = q (-r - KL)
+//   jsd      beta sum(p psi(A)) + (1-beta) sum(q psi(B)),  A = log p - log m, B = log q - log m,
+//            dJSD/d(s/T) = (1-beta) q (B - sum(q B))
+// psi, expm1 and A, B by series (|r| <= 0.5; A = -log1p((1-b) expm1(-r)), B likewise) or by
+// closed forms (p psi(r) = p r + q - p, ...) elsewhere: no term is a difference of O(1) numbers
+// that cancel to O(1/T^2), so the loss is never negative and stays accurate at any T.  A row
+// holding a NaN or +inf logit, or only -inf ones, gives a NaN loss and a NaN gradient row.
 //
-// Passes over a row while it sits in the core's L2: (1) max of s and t; (2) es, et and the sums,
-// es/et/(xs - xt) kept in a per-thread scratch; (3) the gradient, or for JSD the A/B terms and
-// then (4) the gradient.  Row sums run in fp32 lanes over chunks of kChunk elements and in fp64
-// lanes across chunks.  Row constants subtracted from per-element terms go in as fp32 hi + lo
-// pairs so their rounding does not bias every element the same way.
+// Fast path: where the classic sums (forward sum(et u)/Zt - log(Zt/Zs), JSD sum(p A) ...) give a
+// divergence >= 1e4 times a bound of their rounding (moderate T, most training rows), they are
+// used as they are (and the gradients q - p, q (D - KL) formed directly); only the other rows (a
+// high T, near-equal rows) pay for the cancellation-free terms.  Both agree to ~1e-7.
+//
+// Passes over a row while it sits in the core's L2: (1) max of s and t; (2) es, et, u and the
+// sums, es/et/u kept in a per-thread scratch (when the gradient or JSD needs it, or the row leaves
+// the fast path); (3) the loss terms (and the forward gradient); (4) the reverse / JSD gradient.  Row sums run in fp32 lanes over chunks of kChunk elements and
+// in fp64 lanes across chunks.  Row constants subtracted from per-element terms go in as fp32
+// hi + lo pairs so their rounding does not bias every element the same way.
 #include "distill_cpu.h"
 
 #include <algorithm>
@@ -110,7 +117,7 @@ inline VF exp_neg(VF x) {
   return tiny ? splat(0.f) : y * scale;
 }
 
-// log(1 + e) for e in [0, 1]: 2 atanh(z), z = e / (2 + e) in [0, 1/3], by its series to z^15
+// log(1 + e) for e in [-0.4, 1]: 2 atanh(z), z = e / (2 + e) in [-1/4, 1/3], by its series to z^15
 // (truncation < 2e-9 relative).  No rounding of 1 + e, so small e keeps its relative accuracy.
 inline VF log1p01(VF e) {
   const VF z = e / (e + splat(2.0f));
@@ -124,6 +131,25 @@ inline VF log1p01(VF e) {
   p = p * w + splat(1.0f / 3);
   p = p * w + splat(1.0f);
   return (z + z) * p;
+}
+
+// For x in [-0.4, 0.65]: -log1p(x) and psi(-log1p(x)) = x - log1p(x), psi(a) = a + e^-a - 1.
+// With z = x / (2 + x) and w = z^2, log1p(x) = 2 z (1 + w S(w)), S = 1/3 + w/5 + ... + w^6/15, and
+// x - log1p(x) = z^2 ((2 + x) - 2 z S(w)) (x - 2z = x z = z^2 (2 + x)): no cancellation at small x.
+inline void neg_log1p_psi(VF x, VF& neg_log1p, VF& psi) {
+  const VF two = splat(2.0f);
+  const VF z = x / (x + two);
+  const VF w = z * z;
+  VF sv = splat(1.0f / 15);
+  sv = sv * w + splat(1.0f / 13);
+  sv = sv * w + splat(1.0f / 11);
+  sv = sv * w + splat(1.0f / 9);
+  sv = sv * w + splat(1.0f / 7);
+  sv = sv * w + splat(1.0f / 5);
+  sv = sv * w + splat(1.0f / 3);
+  const VF zs = z * sv;
+  neg_log1p = -(z + z) * (w * sv + splat(1.0f));
+  psi = w * ((two + x) - (zs + zs));
 }
 
 struct Split {
@@ -142,6 +168,24 @@ struct Params {
   double beta;
   Split log_b, log_1mb;  // log(beta), log(1 - beta)
 };
+
+// (P(x), P(-x)) with P(x) = e^x - 1 - x = x^2/2 + x^3/6 + ... to x^8 (< 1 ulp for |x| <= 0.5),
+// from one even and one odd polynomial.
+inline void p_series(VF x, VF& pp, VF& pn) {
+  const VF y = x * x;
+  VF e = splat(1.0f / 40320);
+  e = e * y + splat(1.0f / 720);
+  e = e * y + splat(1.0f / 24);
+  e = e * y + splat(0.5f);
+  e = e * y;
+  VF o = splat(1.0f / 5040);
+  o = o * y + splat(1.0f / 120);
+  o = o * y + splat(1.0f / 6);
+  o = o * (x * y);
+  pp = e + o;
+  pn = e - o;
+}
+constexpr float kSeriesMax = 0.5f;  // |r| at or below which the terms use the series
 
 // Loss of one row (T^2 * divergence); writes grad[0:V] (already scaled by T * w) when GRAD.
 // bq, bp, bd: scratch of round_up(V, L) floats each.
@@ -164,112 +208,277 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
   }
   const VF inv_t = splat(c.inv_t);
   // xs = (s - max s) / T: exactly 0 at the max (es = 1 exactly), and (s - max s) is exact near it.
-  // Where q (or p) is nearly one-hot, the gradient there is a difference of nearly equal sums
-  // that cancels cleanly only if that element's terms are exact.
   const VF ms = splat(hmax(msv)), mt = splat(hmax(mtv));
+  const VF half = splat(kSeriesMax);
 
-  // (2) exps and row sums; pad lanes load -inf, so their es = et = 0 (their xs - xt is NaN and
-  // every later use is masked by es > 0 or et > 0).
+  // One element vector's xs, xt, es, et and u = xt - xs, the same code wherever it runs (so the
+  // compiler rounds, and contracts, it the same way: a refill of the scratch is bit-identical).
+  auto element = [&](int64_t k, VF& xs, VF& xt, VF& es, VF& et, VF& u) {
+    VF sv, tv;
+    if (k < Vf) {
+      sv = load(s + k);
+      tv = load(t + k);
+    } else {
+      sv = load_part(s + k, V - k, -kInf);
+      tv = load_part(t + k, V - k, -kInf);
+    }
+    xs = (sv - ms) * inv_t;
+    xt = (tv - mt) * inv_t;
+    es = exp_neg(xs);
+    et = exp_neg(xt);
+    u = xt - xs;
+  };
+  // The scratch es, et, u: written by pass (2) when the gradient or JSD's terms need it, else
+  // only if the row leaves the fast path (a loss-only KL at moderate T never writes it).
   constexpr bool kStore = GRAD || K == DistillKind::kJsd;
-  Wide wzs, wzt, wacc;
+  bool stored = kStore;
+  auto refill = [&]() {
+    for (int64_t k = 0; k < Vp; k += L) {
+      VF xs, xt, es, et, u;
+      element(k, xs, xt, es, et, u);
+      store(bq + k, es);
+      store(bp + k, et);
+      store(bd + k, u);
+    }
+    stored = true;
+  };
+
+  // (2) exps and row sums.  Pad lanes load -inf: es = et = 0 and u = xt - xs = NaN.  A NaN or
+  // +inf logit, or a row of -inf, makes Z NaN or 0.
+  Wide wzs, wzt, wa, we;
   for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
     const int64_t k1 = std::min(k0 + kChunk, Vp);
-    VF azs = splat(0.f), azt = splat(0.f), aa = splat(0.f);
+    VF azs = splat(0.f), azt = splat(0.f), aa = splat(0.f), ae = splat(0.f);
     for (int64_t k = k0; k < k1; k += L) {
-      VF sv, tv;
-      if (k < Vf) {
-        sv = load(s + k);
-        tv = load(t + k);
-      } else {
-        sv = load_part(s + k, V - k, -kInf);
-        tv = load_part(t + k, V - k, -kInf);
-      }
-      const VF xs = (sv - ms) * inv_t, xt = (tv - mt) * inv_t;
-      const VF es = exp_neg(xs), et = exp_neg(xt);
-      const VF d = xs - xt;
+      VF xs, xt, es, et, u;
+      element(k, xs, xt, es, et, u);
       azs += es;
       azt += et;
-      if (kStore) store(bq + k, es);
+      // The classic one-pass divergence sums and a bound of their rounding (see the fast path).
       if (K == DistillKind::kForward) {
-        aa -= keep_if(et > splat(0.f), et * d);
-        if (kStore) store(bp + k, et);
+        const VI m = et > splat(0.f);
+        aa += keep_if(m, et * u);
+        ae += keep_if(m, et * (vabs(xs) + vabs(xt)));
       } else if (K == DistillKind::kReverse) {
-        aa += keep_if(es > splat(0.f), es * d);
-        if (kStore) store(bp + k, d);
-      } else {
+        const VI m = es > splat(0.f);
+        aa += keep_if(m, es * u);
+        ae += keep_if(m, es * (vabs(xs) + vabs(xt)));
+      }
+      if (kStore) {
+        store(bq + k, es);
         store(bp + k, et);
-        store(bd + k, d);
+        store(bd + k, u);
       }
     }
     wzs.add(azs);
     wzt.add(azt);
-    wacc.add(aa);
+    if (K != DistillKind::kJsd) {
+      wa.add(aa);
+      we.add(ae);
+    }
   }
-  const double zs = wzs.sum(), zt = wzt.sum(), acc = wacc.sum();
-  const double log_zs = std::log(zs), log_zt = std::log(zt);
+  const double zs = wzs.sum(), zt = wzt.sum();
+  // The max element gives e^0 = 1 exactly, so a row with a softmax has 1 <= Z <= V.
+  if (!(zs >= 1.0 && zt >= 1.0 && std::isfinite(zs) && std::isfinite(zt))) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();  // no softmax: NaN loss and gradient
+    if (GRAD) std::fill(grad, grad + V, nan);
+    return nan;
+  }
+  double log_ratio = std::log(zt / zs);  // refined below for the cancellation-free path
+  const VF izs = splat(static_cast<float>(1.0 / zs)), izt = splat(static_cast<float>(1.0 / zt));
   const double tw = c.t * w;
+  const VF zero = splat(0.f);
 
-  if (K == DistillKind::kForward) {
-    const double kl = acc / zt + (log_zs - log_zt);
-    if (GRAD) {
-      const VF cq = splat(static_cast<float>(tw / zs)), cp = splat(static_cast<float>(tw / zt));
-      for (int64_t k = 0; k < Vf; k += L) store(grad + k, load(bq + k) * cq - load(bp + k) * cp);
-      if (tail) store_part(grad + Vf, load(bq + Vf) * cq - load(bp + Vf) * cp, V - Vf);
+  // Fast path (forward, reverse): the classic one-pass divergence, forward sum(et u) / Zt -
+  // log(Zt/Zs), reverse -sum(es u) / Zs + log(Zt/Zs), is a difference of O(log V) numbers whose
+  // rounding is below err = 4 eps (E|xs| + E|xt| + |log Zs| + |log Zt| + 1) (a bound: the
+  // per-element roundings are independent and mostly cancel).  Where the divergence is >= 1e4 err
+  // (low and moderate T: most training rows) it is good to 1e-4 at worst (~1e-7 in practice) and
+  // the gradient q - p formed directly to ~eps / sqrt(KL); it is used, and pass (3) only writes
+  // the gradient.  Elsewhere (a high T, near-equal distributions) the cancellation-free terms of
+  // pass (3) run.
+  if (K != DistillKind::kJsd) {
+    const double z = K == DistillKind::kForward ? zt : zs;
+    const double kl_fast = K == DistillKind::kForward ? wa.sum() / zt - log_ratio : -wa.sum() / zs + log_ratio;
+    const double err = 4 * 5.96e-8 * (we.sum() / z + std::fabs(std::log(zs)) + std::fabs(std::log(zt)) + 1.0);
+    if (kl_fast >= 1e4 * err) {  // false for NaN / inf
+      if (GRAD) {
+        const VF gs = splat(static_cast<float>(tw));
+        const Split off = split(log_ratio - kl_fast);  // -r - KL = -u + (log(Zt/Zs) - KL)
+        const VF off_hi = splat(off.hi), off_lo = splat(off.lo);
+        auto g = [&](int64_t k) {
+          const VF q = load(bq + k) * izs;
+          if (K == DistillKind::kForward) return (q - load(bp + k) * izt) * gs;
+          return keep_if(q > zero, q * ((off_hi - load(bd + k)) + off_lo) * gs);
+        };
+        for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
+        if (tail) store_part(grad + Vf, g(Vf), V - Vf);
+      }
+      return static_cast<float>(c.t * c.t * kl_fast);
     }
-    return static_cast<float>(c.t * c.t * kl);
   }
 
-  if (K == DistillKind::kReverse) {
-    const double kl = acc / zs + (log_zt - log_zs);
-    if (GRAD) {
-      const VF cq = splat(static_cast<float>(tw / zs));
-      const Split off = split((log_zt - log_zs) - kl);  // q (D - KL) = q ((xs - xt) + off)
-      const VF hi = splat(off.hi), lo = splat(off.lo);
-      auto g = [&](int64_t k) {
-        const VF es = load(bq + k);
-        return keep_if(es > splat(0.f), es * cq * ((load(bp + k) + hi) + lo));
-      };
-      for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
-      if (tail) store_part(grad + Vf, g(Vf), V - Vf);
-    }
-    return static_cast<float>(c.t * c.t * kl);
-  }
-
-  // (3) JSD terms
-  const Split cd = split((log_zt - log_zs) + (double(c.log_1mb.hi) + c.log_1mb.lo) -
-                         (double(c.log_b.hi) + c.log_b.lo));
-  const VF d_hi = splat(cd.hi), d_lo = splat(cd.lo);
+  // (3) the loss terms, each >= 0 (see distill_terms in peftcore/reference/distill.py): with
+  // r = log p - log q and psi(x) = x + e^-x - 1, forward sum(p psi(r)), reverse sum(q psi(-r)),
+  // jsd beta sum(p psi(A)) + (1 - beta) sum(q psi(B)); series where |r| <= 0.5, closed forms
+  // (p psi(r) = p r + q - p, whose limit where p = 0 is q) elsewhere.  Forward writes its
+  // gradient T w (q - p) here; the others need the row's sums first.
+  const float beta = static_cast<float>(c.beta), omb = static_cast<float>(1.0 - c.beta);
+  const VF vb = splat(beta), v1b = splat(omb);
+  const Split cd = split((double(c.log_1mb.hi) + c.log_1mb.lo) - (double(c.log_b.hi) + c.log_b.lo));
+  const VF cd_hi = splat(cd.hi), cd_lo = splat(cd.lo);
   const VF lb_hi = splat(c.log_b.hi), lb_lo = splat(c.log_b.lo);
   const VF l1b_hi = splat(c.log_1mb.hi), l1b_lo = splat(c.log_1mb.lo);
+  const VF g_scale = splat(static_cast<float>(tw));
   Wide wsp, wsq;
-  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+  bool done = false;
+  if (K == DistillKind::kJsd) {
+    // Fast path, as for the KLs: the classic sums beta sum(p A) + (1-beta) sum(q B) (A, B by the
+    // logaddexp form) cancel to the O(r^2) result from O(r) terms; with their rounding bounded by
+    // err = 4 eps (sum(p |A|) + sum(q |B|) + 1), a JSD >= 1e4 err is used as is (B kept for the
+    // gradient), else the cancellation-free terms below run.
+    const Split lr0 = split(log_ratio);  // fp64 log(Zt / Zs): as good as any where this path is taken
+    const VF lr0_hi = splat(lr0.hi), lr0_lo = splat(lr0.lo);
+    Wide wfp, wfq, wfe;
+    for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+      const int64_t k1 = std::min(k0 + kChunk, Vp);
+      VF fp = splat(0.f), fq = splat(0.f), fe = splat(0.f);
+      for (int64_t k = k0; k < k1; k += L) {
+        const VF q = load(bq + k) * izs, p = load(bp + k) * izt;
+        const VF r = (load(bd + k) - lr0_hi) - lr0_lo;
+        const VF d = (cd_hi - r) + cd_lo;
+        const VF lp = log1p01(exp_neg(-vabs(d)));
+        const VF a_b = -(((lp + lb_hi) + pos(d)) + lb_lo);
+        const VF b_b = -(((lp + l1b_hi) + pos(-d)) + l1b_lo);
+        const VI pm = p > zero, qm = q > zero;
+        const VF tp = keep_if(pm, p * a_b), tq = keep_if(qm, q * b_b);
+        fp += tp;
+        fq += tq;
+        fe += vabs(tp) + vabs(tq);
+        store(bd + k, keep_if(qm, b_b));
+      }
+      wfp.add(fp);
+      wfq.add(fq);
+      wfe.add(fe);
+    }
+    const double fast = c.beta * wfp.sum() + (1.0 - c.beta) * wfq.sum();
+    if (fast >= 1e4 * (4 * 5.96e-8 * (wfe.sum() + 1.0))) {
+      wsp = wfp;
+      wsq = wfq;
+      done = true;
+    } else {
+      refill();  // the scratch u was overwritten by B
+    }
+  }
+  Split lr{0.f, 0.f};  // log(Zt / Zs) of the cancellation-free terms, r = u - lr
+  if (!done) {
+    if (!stored) refill();
+    // Y = Zt - Zs.  When every |u| <= 0.5 (a high T: all of them are O(1/T)), Zt and Zs are nearly
+    // equal and Y is summed as es expm1(u) = es (u + P(u)) from the scratch, so that log(Zt / Zs) =
+    // log1p(Y / Zs) keeps the relative precision of u (lanes with es = 0 or et = 0 contribute
+    // et - es exactly either way).  Otherwise the fp64 ratio of the sums is as good.
+    {
+      VF umax = splat(0.f);  // max |u| over the lanes where both es and et are > 0
+      for (int64_t k = 0; k < Vp; k += L) {
+        const VI both = (load(bq + k) > splat(0.f)) & (load(bp + k) > splat(0.f));
+        umax = vmax(keep_if(both, vabs(load(bd + k))), umax);
+      }
+      if (hmax(umax) <= kSeriesMax) {
+        Wide wy;
+        for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+          const int64_t k1 = std::min(k0 + kChunk, Vp);
+          VF ay = splat(0.f);
+          for (int64_t k = k0; k < k1; k += L) {
+            const VF es = load(bq + k), et = load(bp + k), u = load(bd + k);
+            const VI both = (es > splat(0.f)) & (et > splat(0.f));
+            VF pu, pn;
+            p_series(keep_if(both, u), pu, pn);
+            ay += both ? es * (u + pu) : et - es;
+          }
+          wy.add(ay);
+        }
+        log_ratio = std::log1p(wy.sum() / zs);
+      }
+    }
+    lr = split(log_ratio);
+  }
+  const VF lr_hi = splat(lr.hi), lr_lo = splat(lr.lo);
+  for (int64_t k0 = 0; k0 < (done ? 0 : Vp); k0 += kChunk) {
     const int64_t k1 = std::min(k0 + kChunk, Vp);
     VF asp = splat(0.f), asq = splat(0.f);
     for (int64_t k = k0; k < k1; k += L) {
-      const VF es = load(bq + k), et = load(bp + k);
-      const VF d = (load(bd + k) + d_hi) + d_lo;
-      const VF lp = log1p01(exp_neg(-vabs(d)));
-      const VF a = ((lp + lb_hi) + pos(d)) + lb_lo;
-      const VF b = ((lp + l1b_hi) + pos(-d)) + l1b_lo;
-      const VI qm = es > splat(0.f);
-      asp += keep_if(et > splat(0.f), et * a);
-      asq += keep_if(qm, es * b);
-      if (GRAD) store(bd + k, keep_if(qm, b));
+      const VF q = load(bq + k) * izs, p = load(bp + k) * izt;
+      const VF r = (load(bd + k) - lr_hi) - lr_lo;
+      const VI small = vabs(r) <= half;
+      const VF rs = keep_if(small, r);
+      VF pp, pn;
+      p_series(rs, pp, pn);  // P(r), P(-r)
+      const VI pm = p > zero, qm = q > zero;
+      if (K == DistillKind::kForward) {
+        const VF term = small ? p * pn : p * r + (q - p);
+        asp += pm ? term : q;
+        if (GRAD) {
+          const VF g = (small ? -q * (rs + pp) : q - p) * g_scale;
+          if (k < Vf)
+            store(grad + k, g);
+          else
+            store_part(grad + k, g, V - k);
+        }
+      } else if (K == DistillKind::kReverse) {
+        const VF term = small ? q * pp : (p - q) - q * r;
+        asp += qm ? term : p;
+      } else {
+        // small |r|: A = -log1p(xa), xa = (1-b) expm1(-r), B = -log1p(xb), xb = b expm1(r), both
+        // O(r), and psi(A) = xa - log1p(xa), psi(B) likewise, from one atanh series each
+        VF a_s, b_s, psa, psb;
+        neg_log1p_psi(v1b * (pn - rs), a_s, psa);
+        neg_log1p_psi(vb * (pp + rs), b_s, psb);
+        // large |r|: with d = log((1-b) q / (b p)) = -r + log(1-b) - log b and Lp = log1p(e^-|d|),
+        // A = -log b - max(d, 0) - Lp, B = -log(1-b) - max(-d, 0) - Lp
+        const VF d = (cd_hi - r) + cd_lo;
+        const VF lp = log1p01(exp_neg(-vabs(d)));
+        const VF a_b = -(((lp + lb_hi) + pos(d)) + lb_lo);
+        const VF b_b = -(((lp + l1b_hi) + pos(-d)) + l1b_lo);
+        const VF bv = small ? b_s : b_b;
+        const VF tp = small ? p * psa : p * a_b + v1b * (q - p);
+        const VF tq = small ? q * psb : q * b_b + vb * (p - q);
+        asp += pm ? tp : v1b * q;
+        asq += qm ? tq : vb * p;
+        if (GRAD) store(bd + k, keep_if(qm, bv));
+      }
     }
     wsp.add(asp);
     wsq.add(asq);
   }
   const double sp = wsp.sum(), sq = wsq.sum();
-  const double beta = c.beta;
-  const double sq_mean = sq / zs;  // sum(q B)
-  const double jsd = -beta * (sp / zt) - (1.0 - beta) * sq_mean;
+  if (K == DistillKind::kForward) return static_cast<float>(c.t * c.t * sp);
 
-  // (4) JSD gradient: T w q (h - sum(q h)) = -(1-b) T w / Zs * es * (B - sum(q B))
+  if (K == DistillKind::kReverse) {
+    // (4) T w q ((log q - log p) - KL) = T w q (-r - KL)
+    if (GRAD) {
+      const Split kl = split(sp);
+      const VF kl_hi = splat(kl.hi), kl_lo = splat(kl.lo);
+      auto g = [&](int64_t k) {
+        const VF q = load(bq + k) * izs;
+        const VF r = (load(bd + k) - lr_hi) - lr_lo;
+        return keep_if(q > zero, q * ((-r - kl_hi) - kl_lo) * g_scale);
+      };
+      for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
+      if (tail) store_part(grad + Vf, g(Vf), V - Vf);
+    }
+    return static_cast<float>(c.t * c.t * sp);
+  }
+
+  // (4) JSD gradient: T w q (h - sum(q h)), h = (1 - b) B, sum(q B) = KL(q || m) = sq
+  const double jsd = c.beta * sp + (1.0 - c.beta) * sq;
   if (GRAD) {
-    const VF cg = splat(static_cast<float>(-(1.0 - beta) * tw / zs));
-    const Split cb = split(sq_mean);
+    const VF cg = splat(static_cast<float>((1.0 - c.beta) * tw));
+    const Split cb = split(sq);
     const VF b_hi = splat(cb.hi), b_lo = splat(cb.lo);
-    auto g = [&](int64_t k) { return load(bq + k) * cg * ((load(bd + k) - b_hi) - b_lo); };
+    auto g = [&](int64_t k) {
+      const VF q = load(bq + k) * izs;
+      return keep_if(q > zero, q * cg * ((load(bd + k) - b_hi) - b_lo));
+    };
     for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
     if (tail) store_part(grad + Vf, g(Vf), V - Vf);
   }

@@ -5,35 +5,31 @@ Same contract as :mod:`peftcore.reference.distill` (on 2-D views with unit colum
     distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad) -> (loss_rows, grad)
 
 One launch, one program per row, computes the row loss ``T² · D_i`` (fp32) and, when asked, the
-weighted gradient ``row_weight[i] · ∂(T² D_i)/∂s_i`` in s's dtype.  With a = s/T, b = t/T,
-q = softmax(a) (student), p = softmax(b) (teacher), the program sweeps the row in BLOCK_V chunks:
+weighted gradient ``row_weight[i] · ∂(T² D_i)/∂s_i`` in s's dtype, with the formulas of
+:func:`peftcore.reference.distill.distill_terms` (every backend computes the same ones).  With
+a = s/T, b = t/T, q = softmax(a) (student), p = softmax(b) (teacher), the program sweeps the row in
+BLOCK_V chunks:
 
 * sweep 1 (online): running maxima m_a, m_b (one scalar per stream, updated once per chunk) and
-  lane-wise sums Z_a = Σ exp(a - m_a), Z_b = Σ exp(b - m_b).  For ``forward`` and ``reverse`` it
-  also accumulates the divergence itself online, as an entropy-style sum rescaled when a maximum
-  moves::
+  fp64 lane sums Zs = Σ exp(a - m_a), Zt = Σ exp(b - m_b) and Y = Zt - Zs, Y summed as
+  es · expm1(u) (u = (b - m_b) - (a - m_a)) where |u| <= 0.5.  On a maximum update Zs, Zt are
+  rescaled by fp64 factors α and Y by Y α_b + Zs (α_b - α_a).  Then r = log p - log q =
+  u - log1p(Y/Zs) keeps the relative precision of u even at a high T, where every r is O(1/T).
+* sweep 2: the loss as a sum of non-negative terms (forward Σ p ψ(r), reverse Σ q ψ(-r), jsd
+  β Σ p ψ(A) + (1-β) Σ q ψ(B) with ψ(x) = x + e⁻ˣ - 1, A = log p - log m, B = log q - log m), by
+  series where |r| <= 0.5 and closed forms elsewhere; no term is a difference of O(1) numbers
+  that cancel to the O(1/T²) result, so the loss is never negative.  The forward gradient
+  ``T·(q - p)`` (= -T q expm1(r) where |r| is small) is written here.
+* sweep 3 (reverse, jsd): ``T·q·(-r - KL)`` and ``T·(1-β)·q·(B - Σ q B)``.
 
-      forward:  W = Σ exp(b - m_b) · ((b - m_b) - (a - m_a)),   KL(p‖q) = W / Z_b - log Z_b + log Z_a
-      reverse:  W = Σ exp(a - m_a) · ((a - m_a) - (b - m_b)),   KL(q‖p) = W / Z_a - log Z_a + log Z_b
+Reads per row: forward 2×, reverse and jsd 3× with the gradient (2× without); one grad write.
+Rows with ``row_weight == 0`` read nothing: loss 0 and a zero gradient row are stored.  A row
+with a NaN or +inf logit, or only -inf logits, in either input (Z is then NaN or 0) stores a NaN
+loss and a NaN gradient row, as torch's log_softmax would give.
 
-  On a maximum update every term's bracket moves by the same Δ, so W ← α (W - Δ · Z_old).  The
-  terms are differences of max-shifted logits, never of two large log-normalizers, so a teacher
-  that is the student plus a constant gives KL = 0 to rounding even with logits of ±1e4.
-  The loss of these two kinds is therefore known after one read of the row: without a gradient
-  (evaluation) that is the whole kernel.
-* ``forward`` / ``reverse`` gradient sweep: ``T·(q - p)`` and ``T·q·((log q - log p) - KL)``.
-* ``jsd`` (m = β p + (1-β) q; loss = β KL(p‖m) + (1-β) KL(q‖m)): log m mixes both normalizers, so
-  its sums cannot be rescaled online.  Sweep 2 accumulates the loss, whose (1-β) KL(q‖m) half is
-  exactly c = Σ q h with h = ∂loss/∂q = (1-β)(log q - log m); sweep 3 writes ``T·q·(h - c)``.
-  log m = logaddexp(log p + log β, log q + log(1-β)) in the log domain: no underflow of m.
-
-Reads per row: forward/reverse 2× (1× without grad), jsd 3× (2× without grad); one grad write.
-Rows with ``row_weight == 0`` read nothing: loss 0 and a zero gradient row are stored.
-
-Teacher entries at -inf have p = 0 and contribute nothing (every ``p · (...)`` term is a
-``tl.where`` on p > 0, so 0 · (-inf) never makes a NaN).  Math is fp32 after the load whatever the
-input dtype; logits of ±1e4 never overflow since every exp takes a max-shifted, non-positive
-argument.
+Teacher entries at -inf have p = 0 (their terms take the p -> 0 limits, never 0 · inf).  Math is
+fp32 after the load whatever the input dtype, row sums fp64; logits of ±1e4 never overflow since
+every exp takes a max-shifted, non-positive argument.
 
 Block sizes: ``BLOCK_V`` (power of two) and ``num_warps`` come from a heuristic (up to 4096 lanes
 with 16 warps on a GPU, see :func:`_config`; 64 lanes under the interpreter) unless
@@ -74,13 +70,62 @@ def _load_scaled(ptr, offs, V, inv_t, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _log_m(lp, lq, log_beta, log_1mbeta):
-    # log(β p + (1-β) q) as a logaddexp; NaN only where p = q = 0, which every caller masks.
-    x = lp + log_beta
-    y = lq + log_1mbeta
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    return hi + tl.log(1.0 + tl.exp(lo - hi))
+def _p_series(x):
+    # (P(x), P(-x)), P(x) = e^x - 1 - x to x^8 (< 1 ulp of fp32 for |x| <= 0.5): even + odd parts.
+    y = x * x
+    even = y * (0.5 + y * (1.0 / 24 + y * (1.0 / 720 + y * (1.0 / 40320))))
+    odd = x * y * (1.0 / 6 + y * (1.0 / 120 + y * (1.0 / 5040)))
+    return even + odd, even - odd
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) to a few ulp (Kahan's trick: the rounding of 1 + x is divided back out).
+    w = 1.0 + x
+    safe = tl.where(w == 1.0, 2.0, w)
+    return tl.where(w == 1.0, x, tl.log(safe) * x / (safe - 1.0))
+
+
+@triton.jit
+def _terms(a, b, m_a, m_b, lzs, lzt, lr_hi, lr_lo, beta, log_beta, log_1mbeta, KIND: tl.constexpr):
+    # Per element (see distill_terms in peftcore/reference/distill.py): q, p, r = log p - log q,
+    # the loss term(s) (each >= 0) and, for jsd, B = log q - log m.  Series where |r| <= 0.5.
+    xs = a - m_a
+    xt = b - m_b
+    q = tl.exp(xs - lzs)
+    p = tl.exp(xt - lzt)
+    r = ((xt - xs) - lr_hi) - lr_lo
+    small = tl.abs(r) <= 0.5
+    rs = tl.where(small, r, 0.0)
+    pp, pn = _p_series(rs)  # P(r), P(-r)
+    if KIND == "forward":
+        term = tl.where(small, p * pn, p * r + (q - p))
+        t1 = tl.where(p > 0.0, term, q)  # p ψ(r) = p r + q - p -> q as p -> 0
+        t2 = tl.where(small, -q * (rs + pp), q - p)  # q - p
+    elif KIND == "reverse":
+        term = tl.where(small, q * pp, (p - q) - q * r)
+        t1 = tl.where(q > 0.0, term, p)
+        t2 = r
+    else:
+        # small |r|: A = -log1p((1-β) expm1(-r)), B = -log1p(β expm1(r)); large: log m as a logaddexp
+        a_s = -_log1p((1.0 - beta) * (pn - rs))
+        b_s = -_log1p(beta * (pp + rs))
+        x1 = (xt - lzt) + log_beta
+        x2 = (xs - lzs) + log_1mbeta
+        hi = tl.maximum(x1, x2)
+        lm = hi + tl.log(1.0 + tl.exp(tl.minimum(x1, x2) - hi))
+        a_b = (xt - lzt) - lm
+        b_b = (xs - lzs) - lm
+        av = tl.where(small, a_s, a_b)
+        bv = tl.where(small, b_s, b_b)
+        _, psi_a = _p_series(tl.where(small, av, 0.0))
+        _, psi_b = _p_series(tl.where(small, bv, 0.0))
+        tp = tl.where(small, p * psi_a, p * a_b + (1.0 - beta) * (q - p))
+        tq = tl.where(small, q * psi_b, q * b_b + beta * (p - q))
+        t1 = tl.where(p > 0.0, tp, (1.0 - beta) * q)
+        t2 = tl.where(q > 0.0, tq, beta * p)
+        r = tl.where(q > 0.0, bv, 0.0)  # B, for the gradient
+    return q, t1, t2, r
 
 
 @triton.jit
@@ -92,7 +137,7 @@ def _distill_kl_fwd_kernel(
     g_ptr,  # [N, V] out: w_i · ∂(T² D_i)/∂s_i (any tensor when NEED_GRAD is False)
     stride_s, stride_t, stride_g,
     V,
-    inv_t, temperature, beta, log_beta, log_1mbeta,
+    inv_t, temperature, t_sq, beta, log_beta, log_1mbeta,
     KIND: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -109,95 +154,95 @@ def _distill_kl_fwd_kernel(
                 tl.store(g_row + v0 + cols, zero, mask=v0 + cols < V)
         tl.store(loss_ptr + row, 0.0)
     else:
-        # ---- sweep 1: online maxima and sums (and the forward/reverse divergence) -------------
-        # A finite sentinel rather than -inf: max-shifts and Δ stay finite (no inf - inf) while a
-        # stream has seen only -inf, and exp(-inf - sentinel) is still 0.
+        # ---- sweep 1 (online): maxima and fp64 lane sums Zs, Zt and Y = Zt - Zs ----------------
+        # Y is summed as es expm1(u), u = xt - xs, where |u| <= 0.5, so that log(Zt/Zs) =
+        # log1p(Y/Zs) keeps the relative precision of u at a high T (every u is then O(1/T)).  When
+        # a maximum moves, Zs and Zt are rescaled by fp64 factors α and Y by Y α_b + Zs (α_b - α_a).
+        # A finite sentinel rather than -inf: max-shifts stay finite (no inf - inf) while a stream
+        # has seen only -inf, and exp(-inf - sentinel) is still 0.
         m_a = -1.0e30
         m_b = -1.0e30
-        z_a = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        z_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        z_a = tl.zeros((BLOCK_V,), dtype=tl.float64)
+        z_b = tl.zeros((BLOCK_V,), dtype=tl.float64)
+        y = tl.zeros((BLOCK_V,), dtype=tl.float64)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + cols
             a = _load_scaled(s_row, offs, V, inv_t, "evict_last")
             b = _load_scaled(t_row, offs, V, inv_t, "evict_last")
             m_a_new = tl.maximum(m_a, tl.max(a, axis=0))
             m_b_new = tl.maximum(m_b, tl.max(b, axis=0))
-            alpha_a = tl.exp(m_a - m_a_new)
-            alpha_b = tl.exp(m_b - m_b_new)
-            da = a - m_a_new
-            db = b - m_b_new
-            e_a = tl.exp(da)
-            e_b = tl.exp(db)
-            if KIND == "forward":
-                shift = (m_b_new - m_b) - (m_a_new - m_a)
-                acc = alpha_b * (acc - shift * z_b) + tl.where(e_b > 0.0, e_b * (db - da), 0.0)
-            elif KIND == "reverse":
-                shift = (m_a_new - m_a) - (m_b_new - m_b)
-                acc = alpha_a * (acc - shift * z_a) + tl.where(e_a > 0.0, e_a * (da - db), 0.0)
-            z_a = z_a * alpha_a + e_a
-            z_b = z_b * alpha_b + e_b
+            alpha_a = tl.exp(m_a.to(tl.float64) - m_a_new.to(tl.float64))
+            alpha_b = tl.exp(m_b.to(tl.float64) - m_b_new.to(tl.float64))
+            xs = a - m_a_new
+            xt = b - m_b_new
+            e_a = tl.exp(xs)
+            e_b = tl.exp(xt)
+            u = xt - xs
+            near = (tl.abs(u) <= 0.5) & (e_a > 0.0) & (e_b > 0.0)
+            pu, _ = _p_series(tl.where(near, u, 0.0))
+            y_new = tl.where(near, e_a * (u + pu), e_b - e_a)
+            y = y * alpha_b + z_a * (alpha_b - alpha_a) + y_new.to(tl.float64)
+            z_a = z_a * alpha_a + e_a.to(tl.float64)
+            z_b = z_b * alpha_b + e_b.to(tl.float64)
             m_a = m_a_new
             m_b = m_b_new
-        log_za = tl.log(tl.sum(z_a, axis=0))
-        log_zb = tl.log(tl.sum(z_b, axis=0))
-        gscale = temperature * w  # d(T² L)/ds = T · dL/da, times the row weight
+        zs = tl.sum(z_a, axis=0)
+        zt = tl.sum(z_b, axis=0)
+        ys = tl.sum(y, axis=0)
+        # The max element gives e^0 = 1, so a row with a softmax has 1 <= Z <= V; a NaN or +inf
+        # logit, or a row of -inf, makes Z NaN or 0: NaN loss and gradient, as torch's.
+        valid = (zs >= 1.0) & (zt >= 1.0) & (zs <= 1.0e300) & (zt <= 1.0e300)
+        if valid:
+            lr = _log1p(ys / zs)  # fp64 log(Zt / Zs)
+            lr_hi = lr.to(tl.float32)
+            lr_lo = (lr - lr_hi.to(tl.float64)).to(tl.float32)
+            lzs = tl.log(zs).to(tl.float32)
+            lzt = tl.log(zt).to(tl.float32)
+            gscale = temperature * w  # d(T² L)/ds = T · dL/da, times the row weight
 
-        if KIND == "forward":
-            kl = tl.sum(acc, axis=0) / tl.exp(log_zb) - log_zb + log_za
-            tl.store(loss_ptr + row, kl * temperature * temperature)
-            if NEED_GRAD:
-                for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + cols
-                    a = _load_scaled(s_row, offs, V, inv_t, "evict_first")
-                    b = _load_scaled(t_row, offs, V, inv_t, "evict_first")
-                    q = tl.exp((a - m_a) - log_za)
-                    p = tl.exp((b - m_b) - log_zb)
-                    g = (q - p) * gscale
-                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
-        elif KIND == "reverse":
-            kl = tl.sum(acc, axis=0) / tl.exp(log_za) - log_za + log_zb
-            tl.store(loss_ptr + row, kl * temperature * temperature)
-            if NEED_GRAD:
-                for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + cols
-                    a = _load_scaled(s_row, offs, V, inv_t, "evict_first")
-                    b = _load_scaled(t_row, offs, V, inv_t, "evict_first")
-                    lq = (a - m_a) - log_za
-                    lp = (b - m_b) - log_zb
-                    q = tl.exp(lq)
-                    g = tl.where(q > 0.0, q * ((lq - lp) - kl), 0.0) * gscale
-                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
-        else:  # jsd
-            # ---- sweep 2: both halves of the loss; the student half is also c = Σ q h ----------
-            acc_p = tl.zeros((BLOCK_V,), dtype=tl.float32)
-            acc_q = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            # ---- sweep 2: the loss terms (and the forward gradient) ----------------------------
+            acc1 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_V,), dtype=tl.float32)
             for v0 in range(0, V, BLOCK_V):
                 offs = v0 + cols
                 a = _load_scaled(s_row, offs, V, inv_t, "evict_last")
                 b = _load_scaled(t_row, offs, V, inv_t, "evict_last")
-                lq = (a - m_a) - log_za
-                lp = (b - m_b) - log_zb
-                q = tl.exp(lq)
-                p = tl.exp(lp)
-                lm = _log_m(lp, lq, log_beta, log_1mbeta)
-                acc_p += tl.where(p > 0.0, p * (lp - lm), 0.0)
-                acc_q += tl.where(q > 0.0, q * (lq - lm), 0.0)
-            c = (1.0 - beta) * tl.sum(acc_q, axis=0)
-            loss = beta * tl.sum(acc_p, axis=0) + c
-            tl.store(loss_ptr + row, loss * temperature * temperature)
+                inside = offs < V
+                q, t1, t2, _ = _terms(a, b, m_a, m_b, lzs, lzt, lr_hi, lr_lo, beta, log_beta, log_1mbeta, KIND)
+                acc1 += tl.where(inside, t1, 0.0)
+                if KIND == "jsd":
+                    acc2 += tl.where(inside, t2, 0.0)
+                if KIND == "forward":
+                    if NEED_GRAD:
+                        tl.store(g_row + offs, (t2 * gscale).to(g_ptr.dtype.element_ty), mask=inside)
+            kl1 = tl.sum(acc1, axis=0)
+            kl2 = tl.sum(acc2, axis=0)
+            if KIND == "jsd":
+                loss = beta * kl1 + (1.0 - beta) * kl2
+            else:
+                loss = kl1
+            tl.store(loss_ptr + row, (loss.to(tl.float64) * t_sq).to(tl.float32))
+
+            # ---- sweep 3: reverse T q (-r - KL); jsd T q (h - Σ q h), h = (1-β) B, Σ q B = kl2 --
+            if KIND != "forward":
+                if NEED_GRAD:
+                    for v0 in range(0, V, BLOCK_V):
+                        offs = v0 + cols
+                        a = _load_scaled(s_row, offs, V, inv_t, "evict_first")
+                        b = _load_scaled(t_row, offs, V, inv_t, "evict_first")
+                        q, _, _, r = _terms(a, b, m_a, m_b, lzs, lzt, lr_hi, lr_lo, beta, log_beta,
+                                            log_1mbeta, KIND)
+                        if KIND == "reverse":
+                            g = tl.where(q > 0.0, q * (-r - kl1), 0.0) * gscale
+                        else:
+                            g = tl.where(q > 0.0, (1.0 - beta) * q * (r - kl2), 0.0) * gscale
+                        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
+        else:
+            tl.store(loss_ptr + row, float("nan"))
             if NEED_GRAD:
-                # ---- sweep 3: g = T q (h - c), h = (1-β)(log q - log m) ------------------------
+                nan = tl.full((BLOCK_V,), float("nan"), tl.float32).to(g_ptr.dtype.element_ty)
                 for v0 in range(0, V, BLOCK_V):
-                    offs = v0 + cols
-                    a = _load_scaled(s_row, offs, V, inv_t, "evict_first")
-                    b = _load_scaled(t_row, offs, V, inv_t, "evict_first")
-                    lq = (a - m_a) - log_za
-                    lp = (b - m_b) - log_zb
-                    q = tl.exp(lq)
-                    h = (1.0 - beta) * (lq - _log_m(lp, lq, log_beta, log_1mbeta))
-                    g = tl.where(q > 0.0, q * (h - c), 0.0) * gscale
-                    tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
+                    tl.store(g_row + v0 + cols, nan, mask=v0 + cols < V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +337,7 @@ def distill_fwd(s, t, temperature, kind, beta, row_weight, need_grad, *, block_v
                 s, t, w, loss, grad if need_grad else loss,
                 s.stride(0), t.stride(0), grad.stride(0) if need_grad else 0,
                 V,
-                1.0 / T, T, b, math.log(b), math.log1p(-b),
+                1.0 / T, T, T * T, b, math.log(b), math.log1p(-b),
                 KIND=kind, NEED_GRAD=bool(need_grad), BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
             )
     elif N > 0:

@@ -188,11 +188,11 @@ def _lora_xa_fwd_kernel(
 def _lora_fwd_kernel(
     x_ptr,  # [M, K] input
     w_ptr,  # [N, K] base weight
-    bias_ptr,  # [N] bias (any tensor when HAS_BIAS is False)
+    bias_ptr,  # [N] bias, any stride (0 when expanded); any tensor when HAS_BIAS is False
     xa_ptr,  # [M, R] dropout(x) lora_aᵀ
     b_ptr,  # [N, R] lora_b
     y_ptr,  # [M, N] out
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bn, stride_br,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias, stride_xam, stride_xar, stride_bn, stride_br,
     stride_ym, stride_yn,
     M, N, K, R, M_BUCKET,
     scaling,
@@ -235,7 +235,7 @@ def _lora_fwd_kernel(
 
     mask_n = offs_n < N
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
@@ -355,7 +355,8 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed, *, input_precisi
     """Forward: returns ``(y [M, N], xa [M, R])`` with y = x Wᵀ + b + s · xa Bᵀ, xa = dropout(x) Aᵀ.
 
     x ``[M, K]`` (unit column stride, any row stride), weight ``[N, K]``, bias ``[N]`` or None,
-    lora_a ``[R, K]``, lora_b ``[N, R]``, all one dtype (fp32/fp16/bf16); y and xa in that dtype.
+    lora_a ``[R, K]``, lora_b ``[N, R]`` (weight, bias and the factors in any strides, stride 0
+    included: every pointer goes to the kernels with its strides), all one dtype (fp32/fp16/bf16); y and xa in that dtype.
     ``p`` in [0, 1) and ``seed`` fix the dropout mask (ignored when p == 0).
     ``input_precision`` ("ieee" | "tf32" | "tf32x3") applies to fp32 inputs only.
     """
@@ -372,8 +373,8 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scaling, p, seed, *, input_precisi
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else y, xa, lora_b, y,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         M, N, K, R, mb,
         float(scaling),
         BLOCK_R=min(pow2(R), 64), HAS_BIAS=bias is not None, UPCAST=up, PRECISION=prec,

@@ -48,6 +48,7 @@ from ..ops._checks import check_backend
 from ..ops._library import no_aux_grads, absent, autocast, is_one, present
 from ..reference.distill import KINDS
 from .distill import SPEC as _DISTILL_SPEC  # noqa: F401  (registers the distill_kl backends)
+from .distill import check_temperature
 
 BUDGET_ENV = "PEFTCORE_FUSED_LINEAR_BUDGET_MB"
 DEFAULT_BUDGET = {"cuda": 256 << 20, "cpu": 128 << 20}
@@ -336,8 +337,7 @@ def _check(hs, ws, ht, wt, bs, bt, labels, temperature, alpha, chunk_size, kind,
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(f"student_hidden {tuple(hs.shape)} and teacher_hidden {tuple(ht.shape)} must have the "
                          f"same leading (row) dimensions")
-    if not _is_number(temperature) or not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_temperature(temperature)
     if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if kind not in KINDS:
@@ -346,8 +346,9 @@ def _check(hs, ws, ht, wt, bs, bt, labels, temperature, alpha, chunk_size, kind,
         raise ValueError(f"beta must be in (0, 1) for kind='jsd', got {beta!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
-    if memory_budget is not None and (not _is_number(memory_budget) or not memory_budget > 0):
-        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+    if memory_budget is not None and (not _is_number(memory_budget) or not memory_budget > 0
+                                      or not math.isfinite(memory_budget)):
+        raise ValueError(f"memory_budget must be a finite positive number of bytes or None, got {memory_budget!r}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if labels is None:
@@ -384,12 +385,13 @@ def fused_linear_distill(student_hidden, student_head, teacher_hidden, teacher_h
             fp32/fp16/bf16 (fp64 on the reference backend); each side's hidden, head and bias share
             a dtype; the matmuls run in it (fp32 accumulation, as torch), the loss math in fp32.
         labels: integer ``[...]`` class ids in ``[0, V)`` or ``ignore_index``; required when alpha > 0.
-        temperature: T > 0 of the KL term (the CE term uses the raw logits).
+        temperature: T > 0, finite, of the KL term (the CE term uses the raw logits); numerics and
+            non-finite logits as in :func:`peftcore.losses.distill_kl`.
         alpha: weight of the hard-label CE, in [0, 1]; 0 skips the CE, 1 skips the teacher.
         chunk_size: rows per chunk; None picks it from ``memory_budget`` (see below).
         kind, beta: ``"forward"`` KL(teacher‖student), ``"reverse"`` or ``"jsd"`` (beta on the teacher).
         backend: the distill_kl backend for the softmax-KL part, None for the registry's choice.
-        memory_budget: bytes for one chunk's ``[rows, V]`` buffers (student and teacher logits, the
+        memory_budget: a finite number of bytes > 0 for one chunk's ``[rows, V]`` buffers (student and teacher logits, the
             gradient, CE's fp32 buffer); default ``$PEFTCORE_FUSED_LINEAR_BUDGET_MB``, else 256 MiB
             on CUDA (at least 256 rows, 1024 with a head gradient) and 128 MiB on CPU.  The budget,
             not V/H, sets the chunk: every chunk re-reads the heads and the ``[V, H]`` head-gradient

@@ -173,6 +173,8 @@ def lora_mixed_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_index, b
     x2, lead = as_rows(x)
     per = x2.shape[0] // x.shape[0] if x.shape[0] else 0
     rows = adapter_index.to(device=x.device, dtype=torch.int32).repeat_interleave(per)
-    scaling = scaling.to(device=x.device, dtype=torch.float32)
+    # The kernels read scaling[j] at unit stride: a strided or expanded (stride-0) view becomes a
+    # [J] copy here, for every backend (the native checks refuse a non-contiguous one).
+    scaling = scaling.to(device=x.device, dtype=torch.float32).contiguous()
     y2 = _lora_mixed_op(x2, weight, bias, lora_a, lora_b, scaling, rows, backend)
     return y2.reshape(*lead, weight.shape[0])
