@@ -256,8 +256,9 @@ def test_errors(pair):
         Distiller(student, teacher, weights={"hard": 0.0})
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         Distiller(student, teacher, weights={"soft": -1.0})
-    with pytest.raises(ValueError, match="temperature must be a positive number"):
-        Distiller(student, teacher, temperature=0)
+    for bad in (0, float("inf"), float("nan")):  # inf used to pass here and fail at the first step
+        with pytest.raises(ValueError, match="temperature must be a positive number"):
+            Distiller(student, teacher, temperature=bad)
     with pytest.raises(ValueError, match="names student layer 5"):
         Distiller(student, teacher, weights={"hidden": 1.0}, layer_map=[(5, 0)])
     with pytest.raises(ValueError, match="shares a trainable parameter with the teacher"):

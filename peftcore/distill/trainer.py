@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import distill_kl
+from ..losses.distill import check_temperature
 from .features import ATTENTION_LOSSES, HIDDEN_LOSSES, HiddenStateLoss, attention_transfer_loss, uniform_layer_map
 
 TERMS = ("hard", "soft", "hidden", "attention")
@@ -194,8 +195,7 @@ class Distiller:
         for name, m in (("student", student), ("teacher", teacher)):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        check_temperature(temperature)  # distill_kl's own check, at construction rather than at step 1
         w = dict(DEFAULT_WEIGHTS) if weights is None else dict.fromkeys(TERMS, 0.0)
         for k, v in dict(weights or {}).items():
             if k not in TERMS:
