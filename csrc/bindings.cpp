@@ -470,12 +470,13 @@ void cuda_lora_mixed_fwd(py::handle x_, py::handle a_, py::handle b_, py::handle
   c.no_overlap(d.y, {&tiles, &ws});
   c.no_overlap(ws, {&d.x, &d.a, &d.b, &d.sc, &tiles, &d.y});
   require_cuda(c);
-  // The tile values (first, end, adapter) live in device memory and are not read here: they must
-  // come from peftcore.native.lora_mixed.plan.
+  // The tile values (first, end, adapter) live in device memory and are not read here; the kernels
+  // skip a tile outside [0, M) x [0, J) (lora_mixed_cuda.cu, tile_at), so a bad table cannot
+  // reach outside x, a, b, scaling or y.
   py::gil_scoped_release nogil;
   peftcore::cuda::lora_mixed_fwd(cuda_dtype(d.x.dt), d.x.ptr<const void>(), d.ldx, d.a.ptr<const void>(),
                                  d.b.ptr<const void>(), d.sc.ptr<const float>(), tiles.ptr<const int32_t>(), T,
-                                 block_m, d.y.ptr<void>(), d.ldy, d.M, d.K, d.N, d.R, ws.ptr<void>(), c.bytes(ws),
+                                 block_m, d.y.ptr<void>(), d.ldy, d.M, d.K, d.N, d.R, d.J, ws.ptr<void>(), c.bytes(ws),
                                  stream);
 }
 

@@ -55,9 +55,14 @@ struct Tile {
   int64_t j;
 };
 
-__device__ __forceinline__ Tile tile_at(const int32_t* __restrict__ tiles, int64_t t) {
-  const int64_t m0 = tiles[3 * t];
-  return {m0, tiles[3 * t + 1] - static_cast<int>(m0), tiles[3 * t + 2]};
+// The table is device data the binding cannot read, so the kernels keep every access in bounds
+// themselves: a tile outside rows [0, M) or adapters [0, J), or taller than BM, is skipped (it
+// reads adapter 0 and writes nothing).  plan() never makes one.
+__device__ __forceinline__ Tile tile_at(const int32_t* __restrict__ tiles, int64_t t, int64_t M, int64_t J,
+                                        int bm) {
+  const int64_t m0 = tiles[3 * t], m1 = tiles[3 * t + 1], j = tiles[3 * t + 2];
+  if (m0 < 0 || m1 < m0 || m1 > M || m1 - m0 > bm || j < 0 || j >= J) return {0, 0, 0};
+  return {m0, static_cast<int>(m1 - m0), j};
 }
 
 template <typename T, int BM>
@@ -67,13 +72,13 @@ __global__ void __launch_bounds__(kThreads)
                              const T* __restrict__ a,          // [J, R, K]
                              const int32_t* __restrict__ tiles,  // [num_tiles, 3]
                              float* __restrict__ part,  // [splits, num_tiles, BM, R]
-                             int64_t num_tiles, int64_t K, int R, int64_t k_per) {
+                             int64_t num_tiles, int64_t K, int R, int64_t k_per, int64_t M, int64_t J) {
   constexpr int RPT = BM * kBR / kThreads;  // rows per thread
   __shared__ float xs[BM][kBK + 1];
   __shared__ float as[kBR][kBK + 1];
   const int tid = threadIdx.x;
   const int64_t t = blockIdx.x;
-  const auto [m0, rows, j] = tile_at(tiles, t);
+  const auto [m0, rows, j] = tile_at(tiles, t, M, J, BM);
   const int r0 = blockIdx.y * kBR;
   const int64_t k_lo = static_cast<int64_t>(blockIdx.z) * k_per;
   const int64_t k_hi = min(K, k_lo + k_per);
@@ -122,13 +127,13 @@ __global__ void __launch_bounds__(kThreads)
                              const float* __restrict__ scaling,  // [J]
                              const int32_t* __restrict__ tiles,  // [num_tiles, 3]
                              T* __restrict__ y,                  // [M, N], row stride ldy
-                             int64_t ldy, int64_t num_tiles, int64_t N, int R) {
+                             int64_t ldy, int64_t num_tiles, int64_t N, int R, int64_t M, int64_t J) {
   constexpr int RPT = BM * kBN / kThreads;  // rows per thread
   __shared__ float xs[BM][kRC + 1];
   __shared__ float bs[kRC][kBN + 1];
   const int tid = threadIdx.x;
   const int64_t t = blockIdx.x;
-  const auto [m0, rows, j] = tile_at(tiles, t);
+  const auto [m0, rows, j] = tile_at(tiles, t, M, J, BM);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const float s = scaling[j];
   const T* bj = b + j * N * R;
@@ -178,8 +183,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int BM>
 void launch(const void* x, int64_t ldx, const void* a, const void* b, const float* scaling,
-            const int32_t* tiles, int64_t num_tiles, void* y, int64_t ldy, int64_t K, int64_t N,
-            int64_t R, float* part, cudaStream_t st) {
+            const int32_t* tiles, int64_t num_tiles, void* y, int64_t ldy, int64_t M, int64_t K, int64_t N,
+            int64_t R, int64_t J, float* part, cudaStream_t st) {
   const Splits sp = k_splits(num_tiles, K, R);
   if (ceil_div(R, kBR) > kMaxGridYZ || ceil_div(N, kBN) > kMaxGridYZ)
     throw std::invalid_argument("lora_mixed_fwd: R or N too large for the grid");
@@ -187,23 +192,24 @@ void launch(const void* x, int64_t ldx, const void* a, const void* b, const floa
                 static_cast<unsigned>(sp.count));
   lora_mixed_shrink_kernel<T, BM><<<g1, kThreads, 0, st>>>(
       static_cast<const T*>(x), ldx, static_cast<const T*>(a), tiles, part, num_tiles, K,
-      static_cast<int>(R), sp.k_per);
+      static_cast<int>(R), sp.k_per, M, J);
   check(cudaGetLastError(), "lora_mixed_shrink_kernel launch");
   const dim3 g2(static_cast<unsigned>(num_tiles), static_cast<unsigned>(ceil_div(N, kBN)));
   lora_mixed_expand_kernel<T, BM><<<g2, kThreads, 0, st>>>(
       part, sp.count, static_cast<const T*>(b), scaling, tiles, static_cast<T*>(y), ldy,
-      num_tiles, N, static_cast<int>(R));
+      num_tiles, N, static_cast<int>(R), M, J);
   check(cudaGetLastError(), "lora_mixed_expand_kernel launch");
 }
 
 template <typename T>
 void dispatch_bm(int64_t block_m, const void* x, int64_t ldx, const void* a, const void* b,
                  const float* scaling, const int32_t* tiles, int64_t num_tiles, void* y,
-                 int64_t ldy, int64_t K, int64_t N, int64_t R, float* part, cudaStream_t st) {
+                 int64_t ldy, int64_t M, int64_t K, int64_t N, int64_t R, int64_t J, float* part,
+                 cudaStream_t st) {
   if (block_m == 16)
-    return launch<T, 16>(x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, K, N, R, part, st);
+    return launch<T, 16>(x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, M, K, N, R, J, part, st);
   if (block_m == 64)
-    return launch<T, 64>(x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, K, N, R, part, st);
+    return launch<T, 64>(x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, M, K, N, R, J, part, st);
   throw std::invalid_argument("lora_mixed_fwd: block_m must be 16 or 64");
 }
 
@@ -220,8 +226,7 @@ int64_t lora_mixed_workspace(int64_t num_tiles, int64_t block_m, int64_t K, int6
 void lora_mixed_fwd(DType dt, const void* x, int64_t ldx, const void* a, const void* b,
                     const float* scaling, const int32_t* tiles, int64_t num_tiles,
                     int64_t block_m, void* y, int64_t ldy, int64_t M, int64_t K, int64_t N,
-                    int64_t R, void* workspace, int64_t workspace_bytes, uintptr_t stream) {
-  (void)M;
+                    int64_t R, int64_t J, void* workspace, int64_t workspace_bytes, uintptr_t stream) {
   if (num_tiles <= 0 || N == 0 || K == 0 || R == 0) return;
   if (workspace_bytes < lora_mixed_workspace(num_tiles, block_m, K, R))
     throw std::invalid_argument("lora_mixed_fwd: workspace smaller than lora_mixed_workspace()");
@@ -229,14 +234,14 @@ void lora_mixed_fwd(DType dt, const void* x, int64_t ldx, const void* a, const v
   const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (dt) {
     case DType::kFloat32:
-      return dispatch_bm<float>(block_m, x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, K, N,
-                                R, part, st);
+      return dispatch_bm<float>(block_m, x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, M, K, N,
+                                R, J, part, st);
     case DType::kFloat16:
-      return dispatch_bm<__half>(block_m, x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, K, N,
-                                 R, part, st);
+      return dispatch_bm<__half>(block_m, x, ldx, a, b, scaling, tiles, num_tiles, y, ldy, M, K, N,
+                                 R, J, part, st);
     case DType::kBFloat16:
       return dispatch_bm<__nv_bfloat16>(block_m, x, ldx, a, b, scaling, tiles, num_tiles, y, ldy,
-                                        K, N, R, part, st);
+                                        M, K, N, R, J, part, st);
   }
   throw std::invalid_argument("lora_mixed_fwd: unknown dtype");
 }

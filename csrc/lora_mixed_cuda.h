@@ -2,7 +2,7 @@
 // into y = x W^T + b (computed by cuBLAS through torch).  Same layouts as lora_mixed_cpu.h, with:
 // inputs float, half or bfloat16 (DType of lora_cuda.h), fp32 accumulation, scaling fp32 [J];
 // tiles int32 [num_tiles, 3] in device memory, each (first, end, adapter) with
-// end - first <= block_m; every launch on `stream` (a cudaStream_t as an integer) of the current
+// end - first <= block_m (a tile outside rows [0, M) or adapters [0, J) is skipped); every launch on `stream` (a cudaStream_t as an integer) of the current
 // device, which the caller sets.
 #pragma once
 
@@ -26,7 +26,7 @@ int64_t lora_mixed_workspace(int64_t num_tiles, int64_t block_m, int64_t K, int6
 void lora_mixed_fwd(DType dt, const void* x, int64_t ldx, const void* a, const void* b,
                     const float* scaling, const int32_t* tiles, int64_t num_tiles,
                     int64_t block_m, void* y, int64_t ldy, int64_t M, int64_t K, int64_t N,
-                    int64_t R, void* workspace, int64_t workspace_bytes, uintptr_t stream);
+                    int64_t R, int64_t J, void* workspace, int64_t workspace_bytes, uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace peftcore
