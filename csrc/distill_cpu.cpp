@@ -18,13 +18,31 @@
 // Fast path: where the classic sums (forward sum(et u)/Zt - log(Zt/Zs), JSD sum(p A) ...) give a
 // divergence >= 1e4 times a bound of their rounding (moderate T, most training rows), they are
 // used as they are (and the gradients q - p, q (D - KL) formed directly); only the other rows (a
-// high T, near-equal rows) pay for the cancellation-free terms.  Both agree to ~1e-7.
+// high T, near-equal rows) pay for the cancellation-free terms.  Both agree to ~1e-7.  The KLs'
+// rounding bound is per row, from the row ranges (max - min) / T of pass (1) (no per-element work
+// in pass (2)); JSD's is summed per element in its terms pass, over es and et (not p and q).
 //
-// Passes over a row while it sits in the core's L2: (1) max of s and t; (2) es, et, u and the
-// sums, es/et/u kept in a per-thread scratch (when the gradient or JSD needs it, or the row leaves
-// the fast path); (3) the loss terms (and the forward gradient); (4) the reverse / JSD gradient.  Row sums run in fp32 lanes over chunks of kChunk elements and
-// in fp64 lanes across chunks.  Row constants subtracted from per-element terms go in as fp32
-// hi + lo pairs so their rounding does not bias every element the same way.
+// Passes over a row while it sits in the core's L2: (1) max and min of s and t; (2) es, et, u and
+// the sums, of es/et/u only what the fast path reads kept in a per-thread scratch (forward +
+// gradient: es, et; reverse + gradient: es, u; JSD: all three; a row that leaves the fast path
+// refills all three); (3) the loss terms (and the forward gradient); (4) the reverse / JSD
+// gradient.  Row sums run in fp32 lanes over chunks of kChunk elements and in fp64 lanes across
+// chunks.  Row constants subtracted from per-element terms go in as fp32 hi + lo pairs so their
+// rounding does not bias every element the same way.
+//
+// Speed (2-core AVX-512 machine shared with another job, 2 threads, [4096, 32000] fp32, T = 2,
+// randn * 2 logits, kernel only, median of per-round ratios over 11 interleaved rounds
+// (7 for the CPU-time and one-pass columns) vs the kernel before this change, 312699f):
+//   mode       before    after   after/before (2 thr wall; 1 thr CPU)   after/one-pass (6238eeb)
+//   fwd        152 ms    136 ms  0.914; 0.950                           1.08
+//   fwd+grad   192 ms    176 ms  0.918; 0.957                           1.06
+//   rev        140 ms    136 ms  0.969; 0.963                           1.07
+//   rev+grad   185 ms    164 ms  0.872; 0.876                           0.93
+//   jsd        288 ms    244 ms  0.836; 0.819                           1.04
+//   jsd+grad   328 ms    268 ms  0.840; 0.860                           1.02
+// (wall times ~2x a quiet machine's).  Most of the gain: no per-element rounding bound for the
+// KLs, fewer scratch writes, no lane masks in the KLs' sums on rows without -inf, JSD's row constant
+// folded into d and its sums over es, et.
 #include "distill_cpu.h"
 
 #include <algorithm>
@@ -32,6 +50,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -69,7 +88,7 @@ inline void store_part(float* p, VF v, int64_t n) {
 inline VF vmax(VF a, VF b) { return a > b ? a : b; }
 inline VF keep_if(VI m, VF x) { return m ? x : splat(0.f); }
 inline VF pos(VF x) { return keep_if(x > splat(0.f), x); }  // max(x, 0); 0 for NaN
-inline VF vabs(VF x) { return x < splat(0.f) ? -x : x; }
+inline VF vabs(VF x) { return (VF)((VI)x & 0x7fffffff); }  // |x|, by the sign bit
 // The two fp64 accumulators of a row sum, and their total.
 struct Wide {
   VD lo = simd::splat<VD>(0.0), hi = simd::splat<VD>(0.0);
@@ -197,14 +216,38 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
   const bool tail = Vf < V;
 
   // (1) row maxima
-  VF msv = splat(-kInf), mtv = splat(-kInf);
+  // and, for the KLs' fast path, row minima over the elements above -inf (pad lanes load +inf
+  // there; a row holding a -inf finds them in a second, masked pass; a NaN makes Z NaN).
+  constexpr bool kMin = K != DistillKind::kJsd;
+  VF msv = splat(-kInf), mtv = splat(-kInf), nsv = splat(kInf), ntv = splat(kInf);
   for (int64_t k = 0; k < Vf; k += L) {
-    msv = vmax(load(s + k), msv);
-    mtv = vmax(load(t + k), mtv);
+    const VF sv = load(s + k), tv = load(t + k);
+    msv = vmax(sv, msv);
+    mtv = vmax(tv, mtv);
+    if (kMin) {
+      nsv = sv < nsv ? sv : nsv;
+      ntv = tv < ntv ? tv : ntv;
+    }
   }
   if (tail) {
     msv = vmax(load_part(s + Vf, V - Vf, -kInf), msv);
     mtv = vmax(load_part(t + Vf, V - Vf, -kInf), mtv);
+    if (kMin) {
+      const VF sv = load_part(s + Vf, V - Vf, kInf), tv = load_part(t + Vf, V - Vf, kInf);
+      nsv = sv < nsv ? sv : nsv;
+      ntv = tv < ntv ? tv : ntv;
+    }
+  }
+  const bool has_ninf = kMin && (hmax(-nsv) == kInf || hmax(-ntv) == kInf);
+  if (has_ninf) {  // a -inf: minima over the others
+    nsv = ntv = splat(kInf);
+    const VF ninf = splat(-kInf);
+    for (int64_t k = 0; k < Vp; k += L) {
+      const VF sv = k < Vf ? load(s + k) : load_part(s + k, V - k, kInf);
+      const VF tv = k < Vf ? load(t + k) : load_part(t + k, V - k, kInf);
+      nsv = (sv < nsv) & (sv > ninf) ? sv : nsv;
+      ntv = (tv < ntv) & (tv > ninf) ? tv : ntv;
+    }
   }
   const VF inv_t = splat(c.inv_t);
   // xs = (s - max s) / T: exactly 0 at the max (es = 1 exactly), and (s - max s) is exact near it.
@@ -230,8 +273,12 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
   };
   // The scratch es, et, u: written by pass (2) when the gradient or JSD's terms need it, else
   // only if the row leaves the fast path (a loss-only KL at moderate T never writes it).
-  constexpr bool kStore = GRAD || K == DistillKind::kJsd;
-  bool stored = kStore;
+  // Pass (2) writes only what the fast path reads: forward + gradient es, et; reverse + gradient
+  // es, u; JSD all three.  A row that leaves the fast path refills the whole scratch.
+  constexpr bool kStoreQ = GRAD || K == DistillKind::kJsd;
+  constexpr bool kStoreP = K == DistillKind::kJsd || (GRAD && K == DistillKind::kForward);
+  constexpr bool kStoreD = K == DistillKind::kJsd || (GRAD && K == DistillKind::kReverse);
+  bool stored = K == DistillKind::kJsd;
   auto refill = [&]() {
     for (int64_t k = 0; k < Vp; k += L) {
       VF xs, xt, es, et, u;
@@ -245,37 +292,39 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
 
   // (2) exps and row sums.  Pad lanes load -inf: es = et = 0 and u = xt - xs = NaN.  A NaN or
   // +inf logit, or a row of -inf, makes Z NaN or 0.
-  Wide wzs, wzt, wa, we;
-  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
-    const int64_t k1 = std::min(k0 + kChunk, Vp);
-    VF azs = splat(0.f), azt = splat(0.f), aa = splat(0.f), ae = splat(0.f);
+  // The classic one-pass divergence sums (see the fast path) mask the lanes whose weight e^x is 0,
+  // where u may be +-inf or NaN; a chunk of full vectors in a row without a -inf and whose
+  // (max - min) / T is finite in fp32 has a finite u everywhere (e * u = 0 exactly where e = 0),
+  // so there the mask is left out.
+  bool dense = false;
+  if (kMin && !has_ninf) {
+    const double ds = double(hmax(msv)) - double(-hmax(-nsv)), dt = double(hmax(mtv)) - double(-hmax(-ntv));
+    dense = ds < 1e38 && dt < 1e38 && ds * c.inv_t < 1e38 && dt * c.inv_t < 1e38;  // false for NaN
+  }
+  Wide wzs, wzt, wa;
+  auto chunk = [&](int64_t k0, int64_t k1, auto masked) {
+    VF azs = splat(0.f), azt = splat(0.f), aa = splat(0.f);
     for (int64_t k = k0; k < k1; k += L) {
       VF xs, xt, es, et, u;
       element(k, xs, xt, es, et, u);
       azs += es;
       azt += et;
-      // The classic one-pass divergence sums and a bound of their rounding (see the fast path).
-      if (K == DistillKind::kForward) {
-        const VI m = et > splat(0.f);
-        aa += keep_if(m, et * u);
-        ae += keep_if(m, et * (vabs(xs) + vabs(xt)));
-      } else if (K == DistillKind::kReverse) {
-        const VI m = es > splat(0.f);
-        aa += keep_if(m, es * u);
-        ae += keep_if(m, es * (vabs(xs) + vabs(xt)));
-      }
-      if (kStore) {
-        store(bq + k, es);
-        store(bp + k, et);
-        store(bd + k, u);
-      }
+      if (K == DistillKind::kForward) aa += decltype(masked)::value ? keep_if(et > splat(0.f), et * u) : et * u;
+      if (K == DistillKind::kReverse) aa += decltype(masked)::value ? keep_if(es > splat(0.f), es * u) : es * u;
+      if (kStoreQ) store(bq + k, es);
+      if (kStoreP) store(bp + k, et);
+      if (kStoreD) store(bd + k, u);
     }
     wzs.add(azs);
     wzt.add(azt);
-    if (K != DistillKind::kJsd) {
-      wa.add(aa);
-      we.add(ae);
-    }
+    if (K != DistillKind::kJsd) wa.add(aa);
+  };
+  for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
+    const int64_t k1 = std::min(k0 + kChunk, Vp);
+    if (kMin && dense && k1 <= Vf)
+      chunk(k0, k1, std::false_type{});
+    else
+      chunk(k0, k1, std::true_type{});
   }
   const double zs = wzs.sum(), zt = wzt.sum();
   // The max element gives e^0 = 1 exactly, so a row with a softmax has 1 <= Z <= V.
@@ -292,24 +341,31 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
   // Fast path (forward, reverse): the classic one-pass divergence, forward sum(et u) / Zt -
   // log(Zt/Zs), reverse -sum(es u) / Zs + log(Zt/Zs), is a difference of O(log V) numbers whose
   // rounding is below err = 4 eps (E|xs| + E|xt| + |log Zs| + |log Zt| + 1) (a bound: the
-  // per-element roundings are independent and mostly cancel).  Where the divergence is >= 1e4 err
+  // per-element roundings are independent and mostly cancel).  E|xs| + E|xt| (the means under p
+  // for forward, q for reverse) are bounded per row by the ranges (max - min) / T of pass (1), each
+  // side at most 87.34 where its e^x > 0, so err is only larger.  Where the divergence is >= 1e4 err
   // (low and moderate T: most training rows) it is good to 1e-4 at worst (~1e-7 in practice) and
   // the gradient q - p formed directly to ~eps / sqrt(KL); it is used, and pass (3) only writes
   // the gradient.  Elsewhere (a high T, near-equal distributions) the cancellation-free terms of
   // pass (3) run.
   if (K != DistillKind::kJsd) {
-    const double z = K == DistillKind::kForward ? zt : zs;
     const double kl_fast = K == DistillKind::kForward ? wa.sum() / zt - log_ratio : -wa.sum() / zs + log_ratio;
-    const double err = 4 * 5.96e-8 * (we.sum() / z + std::fabs(std::log(zs)) + std::fabs(std::log(zt)) + 1.0);
+    const double inv_t64 = 1.0 / c.t;
+    // (max - min) / T of each side; the side whose e^x weighs the mean is below 87.34 there
+    double rs = (double(hmax(msv)) - double(-hmax(-nsv))) * inv_t64;
+    double rt = (double(hmax(mtv)) - double(-hmax(-ntv))) * inv_t64;
+    if (K == DistillKind::kForward) rt = std::min(rt, 87.34);
+    if (K == DistillKind::kReverse) rs = std::min(rs, 87.34);
+    const double err = 4 * 5.96e-8 * (rs + rt + std::fabs(std::log(zs)) + std::fabs(std::log(zt)) + 1.0);
     if (kl_fast >= 1e4 * err) {  // false for NaN / inf
       if (GRAD) {
-        const VF gs = splat(static_cast<float>(tw));
+        const VF cq = splat(static_cast<float>(tw / zs)), cp = splat(static_cast<float>(tw / zt));
         const Split off = split(log_ratio - kl_fast);  // -r - KL = -u + (log(Zt/Zs) - KL)
         const VF off_hi = splat(off.hi), off_lo = splat(off.lo);
         auto g = [&](int64_t k) {
-          const VF q = load(bq + k) * izs;
-          if (K == DistillKind::kForward) return (q - load(bp + k) * izt) * gs;
-          return keep_if(q > zero, q * ((off_hi - load(bd + k)) + off_lo) * gs);
+          const VF es = load(bq + k);
+          if (K == DistillKind::kForward) return es * cq - load(bp + k) * cp;
+          return keep_if(es > zero, es * cq * ((off_hi - load(bd + k)) + off_lo));
         };
         for (int64_t k = 0; k < Vf; k += L) store(grad + k, g(k));
         if (tail) store_part(grad + Vf, g(Vf), V - Vf);
@@ -331,42 +387,51 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
   const VF l1b_hi = splat(c.log_1mb.hi), l1b_lo = splat(c.log_1mb.lo);
   const VF g_scale = splat(static_cast<float>(tw));
   Wide wsp, wsq;
+  double sp_fast = 0, sq_fast = 0;
   bool done = false;
   if (K == DistillKind::kJsd) {
     // Fast path, as for the KLs: the classic sums beta sum(p A) + (1-beta) sum(q B) (A, B by the
     // logaddexp form) cancel to the O(r^2) result from O(r) terms; with their rounding bounded by
     // err = 4 eps (sum(p |A|) + sum(q |B|) + 1), a JSD >= 1e4 err is used as is (B kept for the
     // gradient), else the cancellation-free terms below run.
-    const Split lr0 = split(log_ratio);  // fp64 log(Zt / Zs): as good as any where this path is taken
-    const VF lr0_hi = splat(lr0.hi), lr0_lo = splat(lr0.lo);
-    Wide wfp, wfq, wfe;
+    // d = log((1-b) q / (b p)) = -u + (log(Zt / Zs) + log(1-b) - log b), the row constant in
+    // fp64 (log(Zt / Zs) as good as any where this path is taken) as an fp32 hi + lo pair; the
+    // sums run over es, et and are divided by Zs, Zt in fp64.
+    const Split d0 = split(log_ratio + ((double(c.log_1mb.hi) + c.log_1mb.lo) - (double(c.log_b.hi) + c.log_b.lo)));
+    const VF d0_hi = splat(d0.hi), d0_lo = splat(d0.lo);
+    Wide wfp, wfq;
+    VF fep = splat(0.f), feq = splat(0.f);  // the bound's sums: fp32 is plenty (see below)
     for (int64_t k0 = 0; k0 < Vp; k0 += kChunk) {
       const int64_t k1 = std::min(k0 + kChunk, Vp);
-      VF fp = splat(0.f), fq = splat(0.f), fe = splat(0.f);
+      VF fp = splat(0.f), fq = splat(0.f);
       for (int64_t k = k0; k < k1; k += L) {
-        const VF q = load(bq + k) * izs, p = load(bp + k) * izt;
-        const VF r = (load(bd + k) - lr0_hi) - lr0_lo;
-        const VF d = (cd_hi - r) + cd_lo;
+        const VF es = load(bq + k), et = load(bp + k);
+        const VF d = (d0_hi - load(bd + k)) + d0_lo;
         const VF lp = log1p01(exp_neg(-vabs(d)));
         const VF a_b = -(((lp + lb_hi) + pos(d)) + lb_lo);
         const VF b_b = -(((lp + l1b_hi) + pos(-d)) + l1b_lo);
-        const VI pm = p > zero, qm = q > zero;
-        const VF tp = keep_if(pm, p * a_b), tq = keep_if(qm, q * b_b);
+        const VI pm = et > zero, qm = es > zero;
+        const VF tp = keep_if(pm, et * a_b), tq = keep_if(qm, es * b_b);
         fp += tp;
         fq += tq;
-        fe += vabs(tp) + vabs(tq);
-        store(bd + k, keep_if(qm, b_b));
+        fep += vabs(tp);
+        feq += vabs(tq);
+        if (GRAD) store(bd + k, keep_if(qm, b_b));
       }
       wfp.add(fp);
       wfq.add(fq);
-      wfe.add(fe);
     }
-    const double fast = c.beta * wfp.sum() + (1.0 - c.beta) * wfq.sum();
-    if (fast >= 1e4 * (4 * 5.96e-8 * (wfe.sum() + 1.0))) {
-      wsp = wfp;
-      wsq = wfq;
+    sp_fast = wfp.sum() / zt;
+    sq_fast = wfq.sum() / zs;
+    const double fast = c.beta * sp_fast + (1.0 - c.beta) * sq_fast;
+    // sum(p |A|) + sum(q |B|) from fp32 lane sums of non-negative terms (relative error < V eps / L
+    // < 1e-3 for V < 2^20 at L = 16; taken 1.01 times, so the bound is only larger)
+    double sep = 0, seq = 0;
+    for (int l = 0; l < L; ++l) sep += fep[l], seq += feq[l];
+    const double fe = 1.01 * (sep / zt + seq / zs);
+    if (fast >= 1e4 * (4 * 5.96e-8 * (fe + 1.0))) {
       done = true;
-    } else {
+    } else if (GRAD) {
       refill();  // the scratch u was overwritten by B
     }
   }
@@ -450,7 +515,7 @@ float distill_row(const float* s, const float* t, int64_t V, double w, float* gr
     wsp.add(asp);
     wsq.add(asq);
   }
-  const double sp = wsp.sum(), sq = wsq.sum();
+  const double sp = done ? sp_fast : wsp.sum(), sq = done ? sq_fast : wsq.sum();
   if (K == DistillKind::kForward) return static_cast<float>(c.t * c.t * sp);
 
   if (K == DistillKind::kReverse) {

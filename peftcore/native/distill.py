@@ -9,25 +9,34 @@ fp32 ``[N]`` = ``T² · divergence`` (0 where the weight is 0); ``grad``: ``row_
 ∂loss_rows[i]/∂s[i]`` in s's dtype, or None unless ``need_grad``.  One kernel call computes both.
 
 * CPU (float32): one OpenMP region over rows; per row a few SIMD passes while the row sits in
-  L2 (max; exps and row sums; gradient), two exps per element and no per-element log (JSD adds
-  one exp and one division).  Masked rows (weight 0) cost nothing beyond zeroing their gradient.
+  L2 (max and min; exps and row sums; loss terms; gradient), two exps per element.  The math is
+  the reference's: r = log p - log q formed without subtracting log-normalizers, the loss a sum of
+  non-negative terms (series near r = 0), so it is accurate at any finite T > 0.  Rows where the
+  classic one-pass sums give a divergence >= 1e4 times a bound on their rounding (moderate T:
+  most training rows) use them as they are; JSD adds one exp, one division and one atanh series
+  per element.  Masked rows (weight 0) cost nothing beyond zeroing their gradient.
 * CUDA (float32/float16/bfloat16, fp32 math): one block per row, online max/sum-exp over both
   streams, then one (KL) or two (JSD) more reads of the row for the gradient.  Not yet run on a GPU.
 
-Measured (2-core Zen 4 with AVX-512, 2 threads, quiet machine, [4096, 32000] fp32, T = 2,
-``distill_kl(...).backward()``, torch.utils.benchmark, median of 5 interleaved rounds):
+Kernel alone (csrc/distill_cpu.cpp called from C++, 2 threads on a 2-core AVX-512 machine that
+another job was also using, so times are ~2.5x a quiet machine's; [4096, 32000] fp32 randn * 2
+logits, T = 2; median over interleaved rounds of each version's time and of the per-round ratio):
 
-==========  ==========  ====================  =====================================================
-kind        cpp         reference backend     eager: two log_softmax + F.kl_div(log_target=True)
-==========  ==========  ====================  =====================================================
-forward     0.191 s     3.39 s  (17.7x)       1.78 s (9.3x)
-reverse     0.186 s     4.18 s  (22.5x)
-jsd         0.228 s     6.44 s  (28.3x)
-==========  ==========  ====================  =====================================================
+==========  ==========  ==========  ================  ==================  ====================
+kind        before      after       after / before    after / before      after / one-pass
+                                    (2 thr, wall)     (1 thr, CPU time)   (2 thr, wall)
+==========  ==========  ==========  ================  ==================  ====================
+forward     0.152 s     0.136 s     0.914             0.950               1.08
+fwd + grad  0.192 s     0.176 s     0.918             0.957               1.06
+reverse     0.140 s     0.136 s     0.969             0.963               1.07
+rev + grad  0.185 s     0.164 s     0.872             0.876               0.93
+jsd         0.288 s     0.244 s     0.836             0.819               1.04
+jsd + grad  0.328 s     0.268 s     0.840             0.860               1.02
+==========  ==========  ==========  ================  ==================  ====================
 
-The kernel alone takes 0.046 s (forward) / 0.086 s (jsd) for the loss without the gradient; most
-of the rest is the first touch of the fresh 524 MB gradient (page faults: 0.14 s into a fresh
-buffer vs 0.06 s into one already touched).
+"before": the first accurate-at-any-T kernel (commit 312699f); "one-pass": the earlier kernel
+that was not accurate at high T (6238eeb).  End to end, ``distill_kl(...).backward()`` adds the first touch of the fresh 524 MB gradient (page faults:
+0.14 s into a fresh buffer vs 0.06 s into one already touched).
 
 The backend is picked from ``s.device``; every tensor is checked (type, dtype, device, shape,
 layout) before it goes to C++ as a DLPack capsule, which the binding checks again.
