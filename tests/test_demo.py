@@ -94,14 +94,16 @@ def test_demo_end_to_end(tiny_bert, tmp_path, capsys):
     rc = _run(
         ["--model", str(tiny_bert), "--max-train", "60", "--max-test", "40", "--epochs", "2",
          "--epochs", "probe=5", "--batch-size", "16", "--no-progress", "--json", str(out), "--threads", "1",
-         "--student-layers", "1", "--compacter-reduction", "8", "--prompt-tokens", "4"]
+         "--student-layers", "1", "--compacter-reduction", "8", "--prompt-tokens", "4", "--suite", "full",
+         "--top-layers", "1"]
     )
     assert rc == 0
     printed = capsys.readouterr().out
     names = ["linear probe", "lora (fused)", "bottleneck adapter (houlsby, 1/16)", "compacter (houlsby, phm n=4)",
-             "compacter++ (pfeiffer, phm n=4)", "prompt tuning (4 tokens)", "full fine-tune",
+             "compacter++ (pfeiffer, phm n=4)", "prompt tuning (4 tokens)", "top-layer fine-tune (top 1 block + head)",
+             "gradual unfreezing, layer-wise lr x0.8 (ULMFiT)", "lora + R-Drop + EDA augmentation", "full fine-tune",
              "distilled student (1 layer)"]
-    for name in (*names, "process RSS", "trainable params", "the distillation alone"):
+    for name in (*names, "process RSS", "trainable params", "the distillation alone", "expected duration: about"):
         assert name in printed
     assert "teacher:" not in printed  # the full fine-tune row's model is the teacher
     rows = json.loads(out.read_text())
@@ -112,7 +114,7 @@ def test_demo_end_to_end(tiny_bert, tmp_path, capsys):
         assert r["seconds"] > 0
         assert 0 < r["trainable_params"] <= r["total_params"]
         assert r["peak_mem_mb"] == r["peak_mem_mb"]  # not NaN
-    probe, lora, bottleneck, compacter, compacter_pp, prompt, full, distill = rows
+    probe, lora, bottleneck, compacter, compacter_pp, prompt, top, unfreeze, lora_task, full, distill = rows
     head = probe["trainable_params"]
     # adapters: exactly their formulas on top of the head (hidden 32, 2 layers)
     b = 32 // 16  # bottleneck width; Houlsby: 2 slots per layer of 2·h·b + b + h
@@ -127,10 +129,15 @@ def test_demo_end_to_end(tiny_bert, tmp_path, capsys):
     assert probe["trainable_params"] == 32 * 5 + 5  # the linear head alone
     assert probe["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
     assert full["trainable_params"] == full["total_params"] == probe["total_params"]
+    # top-layer: one of the two blocks and the head train; gradual unfreezing trains the head in
+    # epoch 1 and the top block too in epoch 2 (the row counts the most that trained)
+    layer = sum(p.numel() for p in _tiny_layer_params(tiny_bert))
+    assert top["trainable_params"] == layer + head and top["total_params"] == full["total_params"]
+    assert unfreeze["trainable_params"] == layer + head and unfreeze["total_params"] == full["total_params"]
+    assert lora_task["trainable_params"] == lora["trainable_params"] and lora_task["total_params"] == lora["total_params"]
     # LoRA adds its adapters on top of the same base model
     assert lora["total_params"] == full["total_params"] + lora["trainable_params"] - probe["trainable_params"]
     # the student: one of the two layers and a new head; its word embeddings (copied, frozen) do not train
-    layer = sum(p.numel() for p in _tiny_layer_params(tiny_bert))
     assert distill["total_params"] == full["total_params"] - layer
     assert distill["trainable_params"] == distill["total_params"] - _tiny_vocab(tiny_bert) * 32
 
@@ -143,6 +150,18 @@ def _tiny_layer_params(model_dir):
 
 def _tiny_vocab(model_dir):
     return len((model_dir / "vocab.txt").read_text().split())
+
+
+def test_demo_default_suite_and_top_layers_check(tiny_bert, capsys):
+    from peftcore.demo import METHODS, SUITES, parse_args
+
+    assert parse_args([])[1].methods == list(SUITES["default"])
+    assert parse_args(["--suite", "full"])[1].methods == list(METHODS) == list(SUITES["full"])
+    assert parse_args(["--suite", "full", "--methods", "lora"])[1].methods == ["lora"]
+    assert set(SUITES["default"]) < set(METHODS)
+    with pytest.raises(SystemExit):
+        _run(["--model", str(tiny_bert), "--methods", "top", "--top-layers", "3", "--quiet"])
+    assert "--top-layers 3: the encoder has only 2 layers" in capsys.readouterr().err
 
 
 def test_demo_distill_alone_trains_its_teacher(tiny_bert, tmp_path, capsys):

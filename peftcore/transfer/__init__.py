@@ -13,7 +13,9 @@ One file per concern (names resolve lazily, so ``import peftcore.transfer`` load
 * ``prompts``      templates and verbalizers: zero- and few-shot classification, template selection.
 * ``crosslingual`` MAD-X language adapters trained on unlabelled text, zero/few-shot transfer.
 * ``task``         ``TaskConfig``: one place for a task's settings, shared by the CLI and the API.
-* ``finetune``     ``finetune``/``predict``: the library behind ``peftcore finetune``/``predict``.
+* ``finetune``     ``finetune``: the library behind ``peftcore finetune`` (``checkpoint``: exact resume;
+                   ``report``: the curves' plot; ``textdata``: the user's CSV/JSONL; ``classifier``).
+* ``predict``      ``predict``: the library behind ``peftcore predict``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ _NAMES = {
     "select_template": "prompts",
     "TaskConfig": "task",
     "finetune": "finetune",
-    "predict": "finetune",
+    "predict": "predict",
+    "load_text_file": "textdata",
+    "TextClassifier": "classifier",
 }
 
 __all__ = sorted(_NAMES)
