@@ -77,11 +77,13 @@ DEFAULTS = {
 }
 LORA_TARGETS = ["query", "key", "value", "dense"]
 # Seconds per training step of each row, in units of one full fine-tuning step of the same encoder
-# (batch 16) timed on the machine at hand (_calibrate): measured with the packaged MiniLM on 2 CPU
-# threads, these give the expected duration that `peftcore demo` prints before it starts.  Rows
-# not listed (probe: cached features) cost about their model load; +2 steps a row for load and test.
-STEP_COST = {"lora": 0.62, "bottleneck": 0.58, "compacter": 0.62, "compacter++": 0.56, "prompt": 1.0,
-             "top": 0.55, "unfreeze": 0.6, "lora-task": 1.3, "full": 1.0, "distill": 0.45}
+# (forward + backward, batch 16) timed on the machine at hand (_calibrate); measured with the
+# packaged MiniLM on 2 CPU threads.  They give the expected duration `peftcore demo` prints before
+# it starts.  The probe extracts features once (about 8 steps' worth); every row adds about 2
+# steps for its model load and test.
+STEP_COST = {"probe": 0.0, "lora": 0.78, "bottleneck": 0.52, "compacter": 0.72, "compacter++": 0.51,
+             "prompt": 0.79, "top": 0.55, "unfreeze": 0.6, "lora-task": 1.5, "full": 0.91, "distill": 0.41}
+FIXED_COST = {"probe": 8}
 
 
 def _classifier_cls():
@@ -337,8 +339,8 @@ def _expected_duration(args, model_dir, tok, train, pad_id, device) -> str:
     for m in args.methods:
         cfg = _method_cfg(args, m)
         steps = math.ceil(len(train.ids) / cfg["batch_size"]) * cfg["epochs"]
-        total += step * (STEP_COST.get(m, 0.0) * steps + 2)
-        if m == "distill" and "full" not in args.methods:
+        total += step * (STEP_COST[m] * steps + FIXED_COST.get(m, 0) + 2)
+        if m == "distill" and "full" not in args.methods:  # the teacher is trained first
             total += step * STEP_COST["full"] * math.ceil(len(train.ids) / 16) * _method_cfg(args, "full")["epochs"]
     minutes, seconds = divmod(int(round(total)), 60)
     return (f"expected duration: about {minutes} min {seconds:02d} s here ({len(args.methods)} rows; one "

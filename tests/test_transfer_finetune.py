@@ -18,6 +18,11 @@ from peftcore.transfer.textdata import DataFileError, load_text_file  # noqa: E4
 LABELS = ["complaint", "praise", "question"]
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTCORE_CACHE", str(tmp_path / "cache"))  # never the user's ~/.cache
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A 2-layer BERT (hidden 32) with the packaged MiniLM's tokenizer, saved like a user's model."""
@@ -120,7 +125,8 @@ def _state(path):
 @pytest.mark.parametrize("method", ["head", "freeze", "unfreeze", "lora", "bottleneck", "compacter", "prompt", "full"])
 def test_every_method_trains_writes_and_predicts(tiny_dir, files, tmp_path, method):
     train, ev = files
-    cfg = TaskConfig.for_method(method, epochs=2, batch_size=8, **({"freeze_to": -2} if method == "freeze" else {}))
+    cfg = TaskConfig.for_method(method, epochs=2, batch_size=8, **({"freeze_to": -2} if method == "freeze" else {}),
+                                **({"adapter_reduction": 8} if method == "compacter" else {}))
     out = tmp_path / method
     m = finetune(train, eval=ev, model=tiny_dir, config=cfg, out=out, progress=False, say=lambda *a: None)
     assert [r["epoch"] for r in m["epochs"]] == [1, 2]

@@ -36,7 +36,8 @@ def finetune_parser(prog="peftcore finetune"):
     p.add_argument("--label-column", default="label", metavar="NAME")
     p.add_argument("--lora-targets", metavar="LIST", help="comma-separated LoRA target module names")
     p.add_argument("--save-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
-    p.add_argument("--cache-dir", metavar="DIR", help="feature cache of --method head (default: in memory)")
+    p.add_argument("--cache-dir", metavar="DIR", help="feature cache of --method head (default: $PEFTCORE_CACHE "
+                   "or ~/.cache/peftcore/features; a second run on the same model and data is instant)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -45,6 +46,14 @@ def finetune_parser(prog="peftcore finetune"):
         p.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None,
                        help=argparse.SUPPRESS if field in ("warmup_ratio",) else f"TaskConfig.{field}")
     return p
+
+
+def default_cache_dir():
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("PEFTCORE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftcore"
+    return Path(root) / "features"
 
 
 def task_config(args):
@@ -78,7 +87,7 @@ def finetune_main(argv=None, prog="peftcore finetune") -> int:
         finetune(args.train, eval=args.eval, model=args.model, config=cfg, out=args.out, resume=args.resume,
                  overwrite=args.overwrite, text_column=args.text_column, label_column=args.label_column,
                  targets=targets, save_every=args.save_every, progress=args.progress, json_path=args.json,
-                 plot=args.plot, device=args.device, cache_dir=args.cache_dir)
+                 plot=args.plot, device=args.device, cache_dir=args.cache_dir or default_cache_dir())
     except (FinetuneError, DemoError, ValueError, TypeError) as e:
         parser.error(str(e))
     return 0

@@ -75,7 +75,7 @@ def adapter_config(cfg, targets=None):
     if m == "bottleneck":
         return pc.BottleneckConfig(placement="houlsby", reduction_factor=cfg.adapter_reduction, non_linearity="relu")
     if m == "compacter":
-        return pc.CompacterConfig()
+        return pc.CompacterConfig(reduction_factor=cfg.adapter_reduction)
     if m == "prompt":
         return pc.PromptTuningConfig(num_virtual_tokens=cfg.prompt_tokens, init="random")
     raise FinetuneError(f"not an adapter method: {m!r}")
