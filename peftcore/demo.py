@@ -64,25 +64,25 @@ SUITES = {"default": ("probe", "lora", "top", "unfreeze", "lora-task", "full"), 
 # lists the accuracies they give).  The probe trains on cached features, so its epochs are cheap.
 DEFAULTS = {
     "probe": {"epochs": 60, "lr": 3e-3, "batch_size": 32},
-    "lora": {"epochs": 8, "lr": 2e-3, "batch_size": 16},
+    "lora": {"epochs": 4, "lr": 2e-3, "batch_size": 16},
     "bottleneck": {"epochs": 8, "lr": 1e-3, "batch_size": 16},
     "compacter": {"epochs": 8, "lr": 3e-3, "batch_size": 16},
     "compacter++": {"epochs": 8, "lr": 3e-3, "batch_size": 16},
     "prompt": {"epochs": 8, "lr": 3e-2, "batch_size": 16},
     "top": {"epochs": 4, "lr": 3e-4, "batch_size": 16},
     "unfreeze": {"epochs": 6, "lr": 3e-4, "batch_size": 16},
-    "lora-task": {"epochs": 4, "lr": 2e-3, "batch_size": 16},
-    "full": {"epochs": 4, "lr": 1e-4, "batch_size": 16},
+    "lora-task": {"epochs": 3, "lr": 2e-3, "batch_size": 16},
+    "full": {"epochs": 3, "lr": 1e-4, "batch_size": 16},
     "distill": {"epochs": 4, "lr": 2e-4, "batch_size": 16},
 }
 LORA_TARGETS = ["query", "key", "value", "dense"]
 # Seconds per training step of each row, in units of one full fine-tuning step of the same encoder
 # (forward + backward, batch 16) timed on the machine at hand (_calibrate); measured with the
 # packaged MiniLM on 2 CPU threads.  They give the expected duration `peftcore demo` prints before
-# it starts.  The probe extracts features once (about 8 steps' worth); every row adds about 2
-# steps for its model load and test.
-STEP_COST = {"probe": 0.0, "lora": 0.78, "bottleneck": 0.52, "compacter": 0.72, "compacter++": 0.51,
-             "prompt": 0.79, "top": 0.55, "unfreeze": 0.6, "lora-task": 1.5, "full": 0.91, "distill": 0.41}
+# it starts.  The probe extracts features once (about 8 steps' worth); every row adds about 10
+# steps for its model load and test, the run about 30.
+STEP_COST = {"probe": 0.0, "lora": 0.7, "bottleneck": 0.52, "compacter": 0.72, "compacter++": 0.51,
+             "prompt": 0.79, "top": 0.46, "unfreeze": 0.53, "lora-task": 1.41, "full": 0.91, "distill": 0.41}
 FIXED_COST = {"probe": 8}
 
 
@@ -335,11 +335,11 @@ def _calibrate(model_dir, train, pad_id, device) -> float:
 
 def _expected_duration(args, model_dir, tok, train, pad_id, device) -> str:
     step = _calibrate(model_dir, train, pad_id, device)
-    total = 0.0
+    total = 30 * step  # loading, tokenizing, the table
     for m in args.methods:
         cfg = _method_cfg(args, m)
         steps = math.ceil(len(train.ids) / cfg["batch_size"]) * cfg["epochs"]
-        total += step * (STEP_COST[m] * steps + FIXED_COST.get(m, 0) + 2)
+        total += step * (STEP_COST[m] * steps + FIXED_COST.get(m, 0) + 10)
         if m == "distill" and "full" not in args.methods:  # the teacher is trained first
             total += step * STEP_COST["full"] * math.ceil(len(train.ids) / 16) * _method_cfg(args, "full")["epochs"]
     minutes, seconds = divmod(int(round(total)), 60)
