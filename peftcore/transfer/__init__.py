@@ -10,8 +10,6 @@ One file per concern (names resolve lazily, so ``import peftcore.transfer`` load
 * ``schedules``    ``slanted_triangular``: ULMFiT's learning-rate schedule as a torch scheduler.
 * ``regularizers`` ``L2SP``, ``r_drop_loss``, ``Mixout``/``apply_mixout``: toward the pre-trained model.
 * ``augment``      seeded text augmentation (swap, deletion, insertion) and embedding cutoff.
-* ``prompts``      templates and verbalizers: zero- and few-shot classification, template selection.
-* ``crosslingual`` MAD-X language adapters trained on unlabelled text, zero/few-shot transfer.
 * ``task``         ``TaskConfig``: one place for a task's settings, shared by the CLI and the API.
 * ``finetune``     ``finetune``: the library behind ``peftcore finetune`` (``checkpoint``: exact resume;
                    ``report``: the curves' plot; ``textdata``: the user's CSV/JSONL; ``classifier``).
@@ -41,15 +39,12 @@ _NAMES = {
     "random_insertion": "augment",
     "token_cutoff": "augment",
     "span_cutoff": "augment",
-    "PromptTemplate": "prompts",
-    "Verbalizer": "prompts",
-    "zero_shot_classify": "prompts",
-    "select_template": "prompts",
     "TaskConfig": "task",
     "finetune": "finetune",
     "predict": "predict",
     "load_text_file": "textdata",
     "TextClassifier": "classifier",
+    "remove_mixout": "regularizers",
 }
 
 __all__ = sorted(_NAMES)
