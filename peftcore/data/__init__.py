@@ -1,7 +1,10 @@
 """Datasets shipped with peftcore.
 
 ``textcls``: short English customer messages labelled by intent (complaint, praise, question,
-cancellation, suggestion), written for this project; see ``README.md`` next to this file.
+cancellation, suggestion), written for this project; see ``README.md`` next to this file.  Its
+test split also comes in German and Spanish (``load_textcls("test", language="de")``, line by line
+the same messages and labels), and the training texts, translated, as unlabelled German and
+Spanish text (``load_unlabelled("de")``) for language adapters.
 """
 
 from __future__ import annotations
@@ -15,15 +18,37 @@ TEXTCLS_LABELS = ["complaint", "praise", "question", "cancellation", "suggestion
 """Label names of the ``textcls`` set; a label's integer id is its index here."""
 
 TEXTCLS_SPLITS = ("train", "test")
+TEXTCLS_LANGUAGES = ("en", "de", "es")
+"""Languages of the test split (``en`` also has the training split)."""
 
-__all__ = ["DATA_DIR", "TEXTCLS_LABELS", "TEXTCLS_SPLITS", "load_textcls"]
+__all__ = ["DATA_DIR", "TEXTCLS_LABELS", "TEXTCLS_SPLITS", "TEXTCLS_LANGUAGES", "load_textcls", "load_unlabelled"]
 
 
-def load_textcls(split: str) -> tuple[list[str], list[int], list[str]]:
+def _missing(path: Path):
+    return FileNotFoundError(
+        f"{path} is missing: the peftcore package was installed without its data files "
+        "(package-data peftcore/data/*.jsonl, *.txt)"
+    )
+
+
+def load_unlabelled(language: str) -> list[str]:
+    """The 464 training texts of ``textcls`` translated into ``language`` (``"de"`` or ``"es"``),
+    without labels: in-domain text for a language adapter, disjoint in content from the test split."""
+    if language not in TEXTCLS_LANGUAGES[1:]:
+        raise ValueError(f"language: expected one of {list(TEXTCLS_LANGUAGES[1:])}, got {language!r}")
+    path = DATA_DIR / f"textcls_unlabelled_{language}.txt"
+    if not path.is_file():
+        raise _missing(path)
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_textcls(split: str, language: str = "en") -> tuple[list[str], list[int], list[str]]:
     """Load one fixed split of the ``textcls`` intent set.
 
     Args:
         split: ``"train"`` (464 texts) or ``"test"`` (161 texts).
+        language: ``"en"``; for the test split also ``"de"`` or ``"es"`` (translations written
+            for this project: line i is line i of the English file, same label).
 
     Returns:
         ``(texts, labels, label_names)``: ``texts[i]`` is a string, ``labels[i]`` an int in
@@ -35,12 +60,12 @@ def load_textcls(split: str) -> tuple[list[str], list[int], list[str]]:
     """
     if split not in TEXTCLS_SPLITS:
         raise ValueError(f"unknown textcls split {split!r}; expected one of {list(TEXTCLS_SPLITS)}")
-    path = DATA_DIR / f"textcls_{split}.jsonl"
+    if language not in TEXTCLS_LANGUAGES or (language != "en" and split != "test"):
+        raise ValueError(f"language: expected 'en', or for the test split one of {list(TEXTCLS_LANGUAGES)}; "
+                         f"got {language!r} for split {split!r}")
+    path = DATA_DIR / (f"textcls_{split}.jsonl" if language == "en" else f"textcls_{split}_{language}.jsonl")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the peftcore package was installed without its data files "
-            "(package-data peftcore/data/*.jsonl)"
-        )
+        raise _missing(path)
     index = {name: i for i, name in enumerate(TEXTCLS_LABELS)}
     texts: list[str] = []
     labels: list[int] = []

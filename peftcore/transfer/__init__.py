@@ -14,6 +14,10 @@ One file per concern (names resolve lazily, so ``import peftcore.transfer`` load
 * ``finetune``     ``finetune``: the library behind ``peftcore finetune`` (``checkpoint``: exact resume;
                    ``report``: the curves' plot; ``textdata``: the user's CSV/JSONL; ``classifier``).
 * ``predict``      ``predict``: the library behind ``peftcore predict``.
+* ``prompts``      ``Template``, ``Verbalizer``, ``EncoderScorer``, ``CausalLMScorer``, ``select_template``:
+                   zero- and few-shot classification by scoring label words with a pre-trained model.
+* ``crosslingual`` ``train_language_adapter`` (MLM through ``TiedMLMHead``), ``mask_tokens``: MAD-X
+                   language adapters on real text (``textdata``: ``content_groups``/``group_split``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,19 @@ _NAMES = {
     "load_text_file": "textdata",
     "TextClassifier": "classifier",
     "remove_mixout": "regularizers",
+    "per_class_sample": "textdata",
+    "content_groups": "textdata",
+    "group_split": "textdata",
+    "train_language_adapter": "crosslingual",
+    "TiedMLMHead": "crosslingual",
+    "mask_tokens": "crosslingual",
+    "Template": "prompts",
+    "Verbalizer": "prompts",
+    "EncoderScorer": "prompts",
+    "CausalLMScorer": "prompts",
+    "PromptClassifier": "prompts",
+    "select_template": "prompts",
+    "PromptError": "prompts",
 }
 
 __all__ = sorted(_NAMES)

@@ -49,11 +49,9 @@ def finetune_parser(prog="peftcore finetune"):
 
 
 def default_cache_dir():
-    import os
-    from pathlib import Path
+    from ..assets import cache_root
 
-    root = os.environ.get("PEFTCORE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftcore"
-    return Path(root) / "features"
+    return cache_root() / "features"
 
 
 def task_config(args):

@@ -154,3 +154,89 @@ def load_text_file(path: str | os.PathLike, *, text_column: str = "text", label_
                                 f"the training file's labels are {names}")
         labels.append(i)
     return TextData(texts, labels, names, str(path))
+
+
+def per_class_sample(labels, k: int, seed: int = 0, exclude=()) -> list[int]:
+    """Indices of ``k`` examples of every class in ``labels`` (seeded; sorted), skipping ``exclude``.
+
+    The few-shot draw (k-shot dev splits, k target-language examples per class).  Raises
+    ValueError naming the class when it has fewer than ``k`` examples left.
+    """
+    import random
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    skip = set(exclude)
+    by_class: dict = {y: [] for y in labels}  # every class, also one that exclude empties
+    for i, y in enumerate(labels):
+        if i not in skip:
+            by_class[y].append(i)
+    rng = random.Random(seed)
+    out = []
+    for y in sorted(by_class, key=str):
+        pool = by_class[y]
+        if len(pool) < k:
+            raise ValueError(f"k={k}: class {y!r} has only {len(pool)} examples to draw from")
+        out += rng.sample(pool, k)
+    return sorted(out)
+
+
+def content_groups(texts, n: int = 5) -> list[int]:
+    """A group id per text: texts that share a word ``n``-gram (lower-cased), directly or through
+    others, are one group.
+
+    Templated data (one message body under several framings, as in the shipped set) must not
+    straddle a split: draw few-shot examples from some groups and evaluate on the others.
+    """
+    import re
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int, got {n!r}")
+    parent = list(range(len(texts)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict = {}
+    for i, t in enumerate(texts):
+        w = re.findall(r"\w+(?:'\w+)?", str(t).lower())
+        keys = {tuple(w[j:j + n]) for j in range(len(w) - n + 1)} or {tuple(w)}  # a short text: all of it
+        for g in keys:
+            if g in first:
+                parent[root(i)] = root(first[g])
+            else:
+                first[g] = i
+    ids: dict = {}
+    return [ids.setdefault(root(i), len(ids)) for i in range(len(texts))]
+
+
+def group_split(labels, groups, per_class: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(pool, rest)`` index lists: whole groups (seeded order) go to the pool until each class
+    has at least ``per_class`` examples there; every other group goes to ``rest``."""
+    import random
+
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class: expected a positive int, got {per_class!r}")
+    if len(labels) != len(groups):
+        raise ValueError(f"labels, groups: {len(labels)} labels for {len(groups)} group ids")
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = sorted(members, key=str)
+    random.Random(seed).shuffle(order)
+    have: dict = {y: 0 for y in set(labels)}
+    pool = []
+    for g in order:
+        classes = {labels[i] for i in members[g]}
+        if any(have[y] < per_class for y in classes):
+            pool += members[g]
+            for i in members[g]:
+                have[labels[i]] += 1
+    short = {y: c for y, c in have.items() if c < per_class}
+    if short:
+        raise ValueError(f"per_class={per_class}: classes {sorted(short, key=str)} have fewer examples than that")
+    chosen = set(pool)
+    return sorted(pool), [i for i in range(len(labels)) if i not in chosen]
