@@ -50,7 +50,7 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-from . import distill, integrations, losses, ops  # noqa: E402
+from . import distill, integrations, losses, ops, quant  # noqa: E402
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoRALinear
 from .integrations import reference_model
@@ -71,6 +71,7 @@ from .model import (
 )
 from .tuners.bottleneck import BottleneckConfig, CompacterConfig, CompacterPlusPlusConfig
 from .tuners.lora import LoRAConfig
+from .quant import NF4Config, quantize
 from .tuners.prompt import (
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -93,6 +94,7 @@ __all__ = [
     "CompacterPlusPlusConfig",
     "LoRAConfig",
     "LoRALinear",
+    "NF4Config",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "SaveAdapterCallback",
@@ -113,6 +115,8 @@ __all__ = [
     "integrations",
     "ops",
     "prompt_length",
+    "quant",
+    "quantize",
     "read_adapter",
     "reference_model",
     "save_adapter",

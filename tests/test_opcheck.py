@@ -109,3 +109,18 @@ def test_backward_allocates_no_zero_gradient_for_the_extra_outputs():
     loss = distill_kl(s, t, temperature=2.0, backend="reference")
     peak = cpu_peak_memory(lambda: torch.autograd.grad(loss, [s]))
     assert peak < s.numel() * s.element_size() // 2  # the stored gradient is returned, nothing [N, V] new
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])  # its backends so far (no triton kernel yet)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("adapter", [True, False])
+def test_nf4_lora_linear(backend, p, adapter):
+    from peftcore.quant import quantize_nf4
+
+    be = _backend("nf4_lora_linear", backend)
+    packed, state = quantize_nf4(_randn(6, 64, grad=False), 64, True)
+    x = _randn(7, 64)
+    a, b = (_randn(3, 64), _randn(6, 3)) if adapter else (None, None)
+    args = (x, packed, state.block_absmax(), 6, 64, 64, _randn(6), a, b, 0.5, p if adapter else 0.0,
+            5 if p and adapter else 0, be)
+    torch.library.opcheck(OPS.nf4_lora_linear.default, args)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lora import lora_linear
+from ..ops.nf4_lora import nf4_lora_linear
+from ..quant.layer import NF4Linear
 from ..ops.lora_mixed import lora_mixed_linear
 from ..transaction import before_inplace
 from .base import AdapterHost, accept_plain_keys, check_active
@@ -24,20 +26,29 @@ class LoRALinear(nn.Module, AdapterHost):
     """Wraps ``base_layer`` (kept frozen) and holds adapters by name.
 
     Args:
-        base_layer: ``nn.Linear`` (weight ``[out, in]``) or ``Conv1D`` (weight ``[in, out]``).
+        base_layer: ``nn.Linear`` (weight ``[out, in]``), ``Conv1D`` (weight ``[in, out]``) or
+            :class:`peftcore.quant.NF4Linear` (a 4-bit base: QLoRA through ``nf4_lora_linear``).
         fan_in_fan_out: whether the base weight is stored ``[in, out]``; None detects Conv1D.
     """
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool | None = None):
         super().__init__()
-        if fan_in_fan_out is None:
-            fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
-        w = base_layer.weight
-        if w.dim() != 2:
-            raise ValueError(f"base_layer.weight must be 2-D, got shape {tuple(w.shape)}")
-        self.base_layer = base_layer
-        self.fan_in_fan_out = bool(fan_in_fan_out)
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.quantized = isinstance(base_layer, NF4Linear)
+        if self.quantized:
+            if fan_in_fan_out:
+                raise ValueError("fan_in_fan_out: an NF4Linear base is always [out, in]")
+            self.base_layer = base_layer
+            self.fan_in_fan_out = False
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            if fan_in_fan_out is None:
+                fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+            w = base_layer.weight
+            if w.dim() != 2:
+                raise ValueError(f"base_layer.weight must be 2-D, got shape {tuple(w.shape)}")
+            self.base_layer = base_layer
+            self.fan_in_fan_out = bool(fan_in_fan_out)
+            self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -66,9 +77,12 @@ class LoRALinear(nn.Module, AdapterHost):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         r = config.r if r is None else r
         alpha = config.alpha if alpha is None else alpha
-        w = self.base_layer.weight
-        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        b = nn.Linear(r, self.out_features, bias=config.lora_bias, device=w.device, dtype=w.dtype)
+        device, dtype = self.base_device_dtype()
+        if self.quantized and config.init not in ("default", "gaussian"):
+            raise ValueError(f"init={config.init!r}: PiSSA needs the full-precision base weight; an NF4 base takes "
+                             "init 'default' or 'gaussian'")
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=config.lora_bias, device=device, dtype=dtype)
         self.lora_A[name], self.lora_B[name] = a, b
         self.r[name] = r
         self.scaling[name] = config.scaling_for(r, alpha)
@@ -145,8 +159,21 @@ class LoRALinear(nn.Module, AdapterHost):
         setattr(parent, child, self.base_layer)
 
     # --- weights ---------------------------------------------------------------------------
+    def base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the base weight lives and the dtype the layer computes in."""
+        if self.quantized:
+            return self.base_layer.weight_packed.device, self.base_layer.compute_dtype
+        w = self.base_layer.weight
+        return w.device, w.dtype
+
+    def _full_precision(self, what: str) -> None:
+        if self.quantized:
+            raise ValueError(f"{what} needs the full-precision base weight, and this layer's base is NF4 "
+                             "(4-bit): keep the adapter separate, or dequantize the model first")
+
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as ``[out, in]`` (a view for Conv1D)."""
+        self._full_precision("the base weight")
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -157,6 +184,7 @@ class LoRALinear(nn.Module, AdapterHost):
 
     @torch.no_grad()
     def _add_to_base(self, delta_out_in: torch.Tensor) -> None:
+        self._full_precision("merging")
         w = self.base_layer.weight
         d = delta_out_in.t() if self.fan_in_fan_out else delta_out_in
         before_inplace(w)  # inside apply/load/delete: kept for the undo
@@ -165,6 +193,7 @@ class LoRALinear(nn.Module, AdapterHost):
     def stack_adapters(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(lora_a [J, R, in], lora_b [J, out, R], scaling [J])`` for ``names``, ranks zero-padded
         to the largest; the layout :func:`peftcore.ops.lora_mixed_linear` takes."""
+        self._full_precision("adapter_batch")
         w = self.base_layer.weight
         r = max(self.r[n] for n in names)
         a = w.new_zeros(len(names), r, self.in_features)
@@ -189,6 +218,8 @@ class LoRALinear(nn.Module, AdapterHost):
         """The adapters :meth:`merge` would fold in (default: the active ones not yet merged),
         after checking each can be: what :func:`peftcore.merge` checks on every layer first."""
         names = [n for n in (names if names is not None else self.active) if n not in self.merged]
+        if names:
+            self._full_precision("merging")
         for name in names:
             if self.lora_B[name].bias is not None and self.base_layer.bias is None:
                 raise ValueError(f"adapter {name!r} has a lora_bias but the base layer has no bias to merge it into")
@@ -233,6 +264,8 @@ class LoRALinear(nn.Module, AdapterHost):
             return lora_mixed_linear(x.to(w.dtype), w, self.base_layer.bias, *self.mixed)
         if not names:
             return self.base_layer(x)
+        if self.quantized:
+            return self._forward_nf4(x, names)
         w = self.weight_out_in()
         bias = self.base_layer.bias
         # Under autocast the op casts every input itself, as F.linear does; otherwise the adapter
@@ -251,6 +284,31 @@ class LoRALinear(nn.Module, AdapterHost):
             self.scaling[first], dropout_p=self.dropout_p(first), backend=self.backend[first],
         )
         for name in rest:  # several active adapters: the rest add their low-rank terms (PEFT's way)
+            xd = self.lora_dropout[name](x)
+            lb = self.lora_B[name].bias
+            lo = F.linear(F.linear(xd.to(y.dtype), self.lora_A[name].weight.to(y.dtype)),
+                          self.lora_B[name].weight.to(y.dtype), None if lb is None else lb.to(y.dtype))
+            y = y + self.scaling[name] * lo
+        return y
+
+    def _forward_nf4(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """QLoRA: the first adapter fused with the 4-bit base in ``nf4_lora_linear``."""
+        _, dtype = self.base_device_dtype()
+        cast = not torch.is_autocast_enabled(x.device.type)
+        if cast and x.dtype != dtype:
+            x = x.to(dtype)
+        first, rest = names[0], names[1:]
+        a, b = self.lora_A[first].weight, self.lora_B[first].weight
+        bias = self.base_layer.bias
+        extra = self.lora_bias(first)
+        if extra is not None:
+            bias = extra if bias is None else bias + extra
+        if cast:
+            a, b = a.to(dtype), b.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        y = nf4_lora_linear(x, self.base_layer, bias, a, b, self.scaling[first], dropout_p=self.dropout_p(first),
+                            backend=self.backend[first])
+        for name in rest:
             xd = self.lora_dropout[name](x)
             lb = self.lora_B[name].bias
             lo = F.linear(F.linear(xd.to(y.dtype), self.lora_A[name].weight.to(y.dtype)),

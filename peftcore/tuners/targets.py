@@ -38,8 +38,8 @@ DEFAULT_TARGETS = {
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or a transformers Conv1D (weight stored [in, out])."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, a transformers Conv1D (weight stored [in, out]) or peftcore's NF4Linear."""
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "NF4Linear")
 
 
 def _output_head_names(model: nn.Module) -> set[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...layers.base import AdapterHost
 from ...layers.lora import LoRALinear
 from ...layers.saved import ModulesToSave
+from ...quant.layer import NF4Linear
 from .._validate import check_fits
 from ..targets import in_layers, inside_any, is_linear, matches, resolve_targets
 from .config import TASK_HEADS, LoRAConfig
@@ -104,18 +106,24 @@ def inject_lora(model: nn.Module, config: LoRAConfig, name: str) -> list[str]:
             if name in m.lora_A:
                 raise ValueError(f"adapter {name!r} already exists on {n}")
         elif not is_linear(m):
-            raise TypeError(f"target {n} is a {type(m).__name__}; LoRA supports nn.Linear and Conv1D")
+            raise TypeError(f"target {n} is a {type(m).__name__}; LoRA supports nn.Linear, Conv1D and NF4Linear")
     for n in saved:
         m = model.get_submodule(n)
         if isinstance(m, ModulesToSave) and name in m.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of {n}")
     _check_fan_in_fan_out(model, config, names)
     numel, weight = 0, None
+    device, itemsize = None, 4
     for n in names:  # every size is known: refuse before allocating one that cannot fit
         m = model.get_submodule(n)
-        weight = (m.base_layer if isinstance(m, LoRALinear) else m).weight
-        numel += config.rank_and_alpha(n)[0] * (weight.shape[0] + weight.shape[1])
-    check_fits("LoRAConfig.r (with rank_pattern)", numel, weight.element_size(), weight.device)
+        base = m.base_layer if isinstance(m, LoRALinear) else m
+        if isinstance(base, NF4Linear):  # a 4-bit base: the adapter is in its compute dtype
+            shape, device = (base.out_features, base.in_features), base.weight_packed.device
+            itemsize = torch.empty((), dtype=base.compute_dtype).element_size()
+        else:
+            shape, device, itemsize = base.weight.shape, base.weight.device, base.weight.element_size()
+        numel += config.rank_and_alpha(n)[0] * (shape[0] + shape[1])
+    check_fits("LoRAConfig.r (with rank_pattern)", numel, itemsize, device)
     for n in names:
         m = model.get_submodule(n)
         if not isinstance(m, LoRALinear):
