@@ -32,6 +32,7 @@ using peftcore::cuda::DType;
 namespace A = peftcore::arg;
 
 void bind_phm(py::module_& m);  // bindings_phm.cpp
+void bind_nf4(py::module_& m);  // bindings_nf4.cpp
 
 #ifndef PEFTCORE_CXX_COMPILER
 #define PEFTCORE_CXX_COMPILER "unknown"
@@ -576,6 +577,7 @@ PYBIND11_MODULE(_C, m) {
         "CUDA lora_mixed_fwd (float32/float16/bfloat16, fp32 accumulation). tiles int32 [T,3] lives in device "
         "memory and must come from peftcore.native.lora_mixed.plan (rows per tile <= block_m, 16 or 64).");
   bind_phm(m);
+  bind_nf4(m);
   m.def("cuda_device_count", &peftcore::cuda::device_count,
         "Devices visible to the bundled CUDA runtime (negative cudaError_t when it cannot start).");
   m.def("hash32", [](int64_t x) { return peftcore::hash32(uint32_t(x)); }, py::arg("x"),

@@ -67,6 +67,9 @@ def _specs():
         "lora_mixed_fwd": (mixed, {"y"}, {}),
         "phm_fwd": (phm_f, {"y", "t"}, {}),
         "phm_bwd": (phm_b, {"dx", "drule", "dw_left", "dw_right", "dbias"}, {}),
+        # rows [2, 4) of an NF4 [6, 8] weight in blocks of 16: 24 bytes, 3 scales
+        "nf4_dequant_rows": (dict(packed=torch.randint(0, 256, (24,), dtype=torch.uint8), absmax=torch.rand(3),
+                                  out=torch.empty(2, K)), {"out"}, dict(n=6, start=2, blocksize=16)),
         "cuda_down_fwd": ({k: lora_fwd[k] for k in ("x", "a", "xa")}, {"xa"}, {**rng, "stream": 0}),
         "cuda_down_bwd": ({**down_bwd, "workspace": ws}, {"dx", "da", "workspace"}, {**rng, "stream": 0}),
         "cuda_keep_mask": (dict(out=torch.empty(M, K, dtype=torch.uint8)), {"out"},
@@ -197,6 +200,8 @@ def test_one_short(name, arg, t, is_out):
     for d in range(t.dim()):
         if t.shape[d] < 2 or (arg == "tiles" and d == 0):  # any number of tiles is consistent
             continue
+        if name == "nf4_dequant_rows" and arg == "out" and d == 0:  # fewer rows: a smaller panel, valid
+            continue
         short = dict(tensors)
         short[arg] = t.narrow(d, 0, t.shape[d] - 1)
         _raises(name, ValueError, None, short, scalars)
@@ -317,6 +322,12 @@ def test_scalar_checks_kept():
         _raises("distill_fwd", ValueError, match, t2, s2, **kw)
     t3, _, s3 = _specs()["cuda_lora_mixed_fwd"]
     _raises("cuda_lora_mixed_fwd", ValueError, "block_m must be 16 or 64", t3, s3, block_m=32)
+    t4, _, s4 = _specs()["nf4_dequant_rows"]
+    for kw, match in [({"start": 5}, r"rows \[5, 7\) are outside the weight's 6 rows"), ({"start": -1}, "outside"),
+                      ({"n": 7}, "packed holds 24 bytes"), ({"blocksize": 15}, "blocksize must be even"),
+                      ({"blocksize": 8}, "absmax holds 3 scales"), ({"n": 0}, "out of range"),
+                      ({"n": 2**40}, "out of range"), ({"nthreads": -1}, "nthreads must")]:
+        _raises("nf4_dequant_rows", ValueError, match, t4, s4, **kw)
 
 
 @pytest.mark.parametrize("name", ["cuda_down_bwd", "cuda_lora_mixed_fwd", "cuda_phm_bwd"])

@@ -146,21 +146,56 @@ def test_under_cpu_autocast_output_is_bf16_and_absmax_stays_fp32():
     assert y.dtype == torch.bfloat16 and ((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_no_full_precision_copy_of_the_weight(monkeypatch):
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_no_full_precision_copy_of_the_weight(monkeypatch, backend):
+    import peftcore.native.nf4_lora as N
     import peftcore.reference.nf4_lora as R
+    from peftcore import backends
 
+    if backends.why_not("nf4_lora_linear", backend, "cpu", torch.float32):
+        pytest.skip(f"{backend}: {backends.why_not('nf4_lora_linear', backend, 'cpu', torch.float32)}")
     seen = []
-    real = R.dequantize_range
+    if backend == "reference":
+        real = R.dequantize_range
 
-    def spy(packed, absmax, blocksize, lo, hi, out=None, dtype=torch.float32):
-        seen.append(hi - lo)
-        return real(packed, absmax, blocksize, lo, hi, out, dtype)
+        def spy(packed, absmax, blocksize, lo, hi, out=None, dtype=torch.float32):
+            seen.append(hi - lo)
+            return real(packed, absmax, blocksize, lo, hi, out, dtype)
 
-    monkeypatch.setattr(R, "dequantize_range", spy)
+        monkeypatch.setattr(R, "dequantize_range", spy)
+    else:
+        ext = N.require(cuda=False)
+
+        class Spy:
+            def nf4_dequant_rows(self, packed, absmax, out, n, start, blocksize, nthreads):
+                ext.nf4_dequant_rows(packed, absmax, out, n, start, blocksize, nthreads)
+                seen.append(torch.utils.dlpack.from_dlpack(out).numel())
+
+            def __getattr__(self, name):
+                return getattr(ext, name)
+
+        monkeypatch.setattr(N, "require", lambda cuda: Spy())
     qw, _, x, b, a, bb = _setup(4, 512, 1024, 4, 64, True, dtype=torch.float32)
     x.requires_grad_(True)
-    pc.ops.nf4_lora_linear(x, qw, b, a, bb, 1.0).sum().backward()
-    assert seen and max(seen) <= 512 * 1024 // 16  # forward and dx: panels of at most 1/16 of W
+    pc.ops.nf4_lora_linear(x, qw, b, a, bb, 1.0, backend=backend).sum().backward()
+    assert len(seen) >= 32 and max(seen) <= 512 * 1024 // 16  # forward and dx: panels of at most 1/16 of W
+
+
+def test_cpp_dequant_kernel_equals_the_reference_on_any_rows():
+    from peftcore import native
+    from peftcore.native import dl
+
+    if native.unavailable_reason():
+        pytest.skip(f"peftcore._C unavailable: {native.unavailable_reason()}")
+    for n, k, bs, dq in [(37, 51, 32, True), (64, 64, 64, False), (3, 1001, 128, True), (129, 7, 4096, True)]:
+        packed, state = quantize_nf4(torch.randn(n, k), bs, dq)
+        whole = dequantize_nf4(packed, state)
+        a = state.block_absmax()
+        for start, stop in [(0, n), (1, 2), (n // 3, n), (n - 1, n)]:
+            for dtype in (torch.float32, torch.float64):
+                out = torch.empty(stop - start, k, dtype=dtype)
+                native.load().nf4_dequant_rows(dl(packed.view(-1)), dl(a), dl(out), n, start, bs)
+                assert torch.equal(out, whole[start:stop].to(dtype)), (n, k, bs, start, stop, dtype)
 
 
 def test_op_argument_errors():

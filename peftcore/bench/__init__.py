@@ -24,6 +24,7 @@ _BENCHES = {  # CLI name -> module with a BENCH
     "fused-distill": "peftcore.bench.fused_distill",
     "phm": "peftcore.bench.phm",
     "lora-mixed": "peftcore.bench.lora_mixed",
+    "qlora": "peftcore.bench.qlora",
     "compile": "peftcore.bench.compile",
 }
 

@@ -55,6 +55,7 @@ class LoRABench(Bench):
     baseline = "hf_peft"
     providers = PROVIDERS
     presets = PRESETS
+    target_list = TARGETS
 
     def add_args(self, p) -> None:
         g = p.add_argument_group("lora filters (comma-separated lists; each replaces the preset's list)")
@@ -197,7 +198,7 @@ class LoRABench(Bench):
         for dt, shape, prov, ours, base in default_vs_baseline(rows, meta, "full", self.floor, self.baseline):
             ratio = ours["ratio_to_floor"] if ours else None
             fast = speedup(ours, base)
-            target = find_target(TARGETS, meta.get("device_type"), dt, shape)
+            target = find_target(self.target_list, meta.get("device_type"), dt, shape)
             status = None
             if target and ratio is not None:
                 ok = ratio <= target["max_ratio_to_floor"]

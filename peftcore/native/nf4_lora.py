@@ -1,10 +1,10 @@
 """The ``cpp`` (CPU) backend of ``nf4_lora_linear``: panel GEMMs on the 4-bit weight, with the
 adapter's passes on the fused kernels of ``peftcore._C``.
 
-Same contract as :mod:`peftcore.reference.nf4_lora`.  The base part is the reference's: the weight
-dequantized a panel of rows at a time (at most 1/16 of it) and multiplied by torch's GEMM (blocked
-BLAS calls; measured on 2 cores, 2048 x 1024 -> 1024, fp32: 16 panel GEMMs 46.7 ms against 46.1 ms
-for the whole product).  The adapter is :mod:`peftcore.native.lora`'s kernels: in the forward one
+Same contract as :mod:`peftcore.reference.nf4_lora`.  The base part: the C++ kernel
+``nf4_dequant_rows`` dequantizes a panel of rows (at most 1/16 of the weight, one reused buffer)
+and torch's GEMM multiplies it (blocked BLAS calls; measured on 2 cores, 2048 x 1024 -> 1024,
+fp32: 16 panel GEMMs 46.7 ms against 46.1 ms for the whole product).  The adapter is :mod:`peftcore.native.lora`'s kernels: in the forward one
 pass over x computes xa = dropout(x) Aᵀ (mask hashed from the seed) and adds scaling · xa Bᵀ into
 y; in the backward one pass adds dropout(g A) into dx and computes dA and dB.  fp32 and fp64 (what
 the kernels take); the registry sends half precision to the reference.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.nf4_lora import panels
+from ..reference.nf4_lora import panel_rows
 from ..reference.rng import dropout_threshold
 from . import dense, dl, num_threads, require, rowwise
 
@@ -27,6 +27,19 @@ def _check(x: torch.Tensor, *named) -> None:
     for name, t in named:
         if t is not None and (t.device != x.device or t.dtype != x.dtype):
             raise ValueError(f"{name} must be on {x.device} in {x.dtype}, got {t.dtype} on {t.device}")
+
+
+def panels(packed, absmax, n, k, blocksize, dtype, device):
+    """Yield ``(start, stop, W[start:stop])`` dequantized by the C++ kernel into one reused buffer."""
+    ext = require(cuda=False)
+    rows = panel_rows(n, k, blocksize)
+    buf = torch.empty(rows * k, dtype=dtype, device=device)
+    flat, a = dense(packed).view(-1), dense(absmax)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        w = buf[: (e - s) * k].view(e - s, k)
+        ext.nf4_dequant_rows(dl(flat), dl(a), dl(w), n, s, blocksize, num_threads())
+        yield s, e, w
 
 
 def nf4_lora_fwd(x, packed, absmax, n, k, blocksize, bias, lora_a, lora_b, scaling, p, seed):
