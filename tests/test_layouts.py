@@ -184,8 +184,25 @@ def _fused_case():
     return "distill_kl", args, ["student_hidden", "student_head", "student_bias"], call, ()
 
 
+def _nf4_case():
+    from peftcore.quant import quantize_nf4
+
+    g = _gen(6)
+    M, K, N, R = 7, 40, 19, 5
+    qw = quantize_nf4(_rnd(g, N, K, scale=K**-0.5).cpu(), 32, True)
+    qw = (qw[0].to(DEV), qw[1])
+    args = {"x": _rnd(g, M, K), "bias": _rnd(g, N), "lora_a": _rnd(g, R, K, scale=K**-0.5),
+            "lora_b": _rnd(g, N, R, scale=R**-0.5)}
+
+    def call(a, backend):  # the 4-bit weight is not a float tensor: its layout is the format's
+        return pc.ops.nf4_lora_linear(a["x"], qw, a["bias"], a["lora_a"], a["lora_b"], 0.75, backend=backend)
+
+    return "nf4_lora_linear", args, list(args), call, (M, N)
+
+
 CASES = {
     "lora_linear": _lora_case,
+    "nf4_lora_linear": _nf4_case,
     "phm_linear": _phm_case,
     "lora_mixed_linear": _lora_mixed_case,
     "distill_kl[forward]": lambda: _distill_case("forward"),

@@ -188,9 +188,9 @@ def test_unknown_methods_are_named(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="peft_type 'IA3' is not a method peftcore loads"):
         pc.read_adapter(tmp_path)
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_qalora": True}  # DoRA loads now (tests/test_dora.py)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    with pytest.raises(ValueError, match="use_qalora=True is not supported"):
         pc.read_adapter(tmp_path)
 
 

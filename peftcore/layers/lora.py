@@ -17,6 +17,7 @@ from torch import nn
 from ..ops.lora import lora_linear
 from ..ops.nf4_lora import nf4_lora_linear
 from ..quant.layer import NF4Linear
+from . import dora
 from ..ops.lora_mixed import lora_mixed_linear
 from ..transaction import before_inplace
 from .base import AdapterHost, accept_plain_keys, check_active
@@ -57,6 +58,9 @@ class LoRALinear(nn.Module, AdapterHost):
         # every nn.Dropout (model.eval(), TRL's disable_dropout_in_model setting p = 0) reach these.
         # The fused op reads p and the module's training flag; it never calls the module.
         self.lora_dropout = nn.ModuleDict()
+        # DoRA adapters' magnitudes m [out] (PEFT's name); the scale m/||W + sBA|| a merge used.
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_merged: dict[str, torch.Tensor] = {}
         self.backend: dict[str, str | None] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
@@ -94,6 +98,9 @@ class LoRALinear(nn.Module, AdapterHost):
         if config.lora_bias:
             with torch.no_grad():
                 b.bias.zero_()
+        if getattr(config, "use_dora", False):
+            # m starts at ||W + s·BA|| per row: the adapter's first output is the LoRA one.
+            self.lora_magnitude_vector[name] = nn.Parameter(dora.weight_norm(self, name).to(dtype))
 
     def _init(self, name: str, init: str) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -128,6 +135,8 @@ class LoRALinear(nn.Module, AdapterHost):
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting")
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.scaling, self.backend):
             d.pop(name, None)
         self.active = [n for n in self.active if n != name]
@@ -145,6 +154,8 @@ class LoRALinear(nn.Module, AdapterHost):
         out = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
         if self.lora_B[name].bias is not None:
             out["lora_B.bias"] = self.lora_B[name].bias
+        if name in self.lora_magnitude_vector:  # PEFT's key for DoRA's magnitude [out]
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return out
 
     def lora_bias(self, name: str) -> torch.Tensor | None:
@@ -194,6 +205,9 @@ class LoRALinear(nn.Module, AdapterHost):
         """``(lora_a [J, R, in], lora_b [J, out, R], scaling [J])`` for ``names``, ranks zero-padded
         to the largest; the layout :func:`peftcore.ops.lora_mixed_linear` takes."""
         self._full_precision("adapter_batch")
+        dora_names = [n for n in names if n in self.lora_magnitude_vector]
+        if dora_names:
+            raise ValueError(f"adapter_batch does not take DoRA adapters ({dora_names[0]!r} is one)")
         w = self.base_layer.weight
         r = max(self.r[n] for n in names)
         a = w.new_zeros(len(names), r, self.in_features)
@@ -226,9 +240,18 @@ class LoRALinear(nn.Module, AdapterHost):
         return names
 
     def merge(self, names: list[str] | None = None) -> None:
-        """Fold the adapters into the base weight (default: the active ones not yet merged)."""
+        """Fold the adapters into the base weight (default: the active ones not yet merged).
+
+        DoRA: W becomes (m / ‖W + s·BA‖)·(W + s·BA); the scale is kept for :meth:`unmerge`."""
         for name in self.to_merge(names):
-            self._add_to_base(self.delta_weight(name))
+            if name in self.lora_magnitude_vector:
+                with torch.no_grad():
+                    sc = (self.lora_magnitude_vector[name].float() / dora.weight_norm(self, name).float())
+                w = self.weight_out_in().float()
+                self._add_to_base((sc[:, None] - 1.0) * w + sc[:, None] * self.delta_weight(name))
+                self._dora_merged[name] = sc
+            else:
+                self._add_to_base(self.delta_weight(name))
             self._add_bias(name, 1.0)
             self.merged.append(name)
 
@@ -236,7 +259,12 @@ class LoRALinear(nn.Module, AdapterHost):
         """Subtract the merged adapters ``names`` (default: every merged one) from the base weight again."""
         for name in reversed(list(self.merged)):
             if names is None or name in names:
-                self._add_to_base(-self.delta_weight(name))
+                if name in self._dora_merged:
+                    sc = self._dora_merged.pop(name)
+                    w = self.weight_out_in().float()
+                    self._add_to_base((1.0 / sc[:, None] - 1.0) * w - self.delta_weight(name))
+                else:
+                    self._add_to_base(-self.delta_weight(name))
                 self._add_bias(name, -1.0)
                 self.merged.remove(name)
 
@@ -279,16 +307,35 @@ class LoRALinear(nn.Module, AdapterHost):
         if extra is not None:
             bias = extra if bias is None else bias + extra
             bias = bias.to(w.dtype) if cast else bias
-        y = lora_linear(
-            x, w, bias, a.to(w.dtype) if cast else a, b.to(w.dtype) if cast else b,
-            self.scaling[first], dropout_p=self.dropout_p(first), backend=self.backend[first],
-        )
-        for name in rest:  # several active adapters: the rest add their low-rank terms (PEFT's way)
+        a, b = (a.to(w.dtype), b.to(w.dtype)) if cast else (a, b)
+        if first in self.lora_magnitude_vector:  # DoRA: the op without bias, then the row scale
+            y = lora_linear(x, w, None, a, b, self.scaling[first], dropout_p=self.dropout_p(first),
+                            backend=self.backend[first])
+            y = self._dora_out(first, y, bias)
+        else:
+            y = lora_linear(x, w, bias, a, b, self.scaling[first], dropout_p=self.dropout_p(first),
+                            backend=self.backend[first])
+        return self._add_rest(x, y, rest, lambda: F.linear(x.to(y.dtype), w.to(y.dtype)))
+
+    def _dora_out(self, name: str, z: torch.Tensor, bias) -> torch.Tensor:
+        y = z * dora.scale(self, name, z.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _add_rest(self, x, y, rest, base_out):
+        """Several active adapters: the rest add their low-rank terms (PEFT's way); a DoRA one adds
+        (scale - 1)·x Wᵀ + scale·s·lora(x), ``base_out()`` giving x Wᵀ (computed once, if needed)."""
+        xw = None
+        for name in rest:
             xd = self.lora_dropout[name](x)
             lb = self.lora_B[name].bias
             lo = F.linear(F.linear(xd.to(y.dtype), self.lora_A[name].weight.to(y.dtype)),
                           self.lora_B[name].weight.to(y.dtype), None if lb is None else lb.to(y.dtype))
-            y = y + self.scaling[name] * lo
+            if name in self.lora_magnitude_vector:
+                xw = base_out() if xw is None else xw
+                sc = dora.scale(self, name, y.dtype)
+                y = y + (sc - 1) * xw + sc * (self.scaling[name] * lo)
+            else:
+                y = y + self.scaling[name] * lo
         return y
 
     def _forward_nf4(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -306,15 +353,14 @@ class LoRALinear(nn.Module, AdapterHost):
         if cast:
             a, b = a.to(dtype), b.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        y = nf4_lora_linear(x, self.base_layer, bias, a, b, self.scaling[first], dropout_p=self.dropout_p(first),
-                            backend=self.backend[first])
-        for name in rest:
-            xd = self.lora_dropout[name](x)
-            lb = self.lora_B[name].bias
-            lo = F.linear(F.linear(xd.to(y.dtype), self.lora_A[name].weight.to(y.dtype)),
-                          self.lora_B[name].weight.to(y.dtype), None if lb is None else lb.to(y.dtype))
-            y = y + self.scaling[name] * lo
-        return y
+        if first in self.lora_magnitude_vector:
+            y = nf4_lora_linear(x, self.base_layer, None, a, b, self.scaling[first],
+                                dropout_p=self.dropout_p(first), backend=self.backend[first])
+            y = self._dora_out(first, y, bias)
+        else:
+            y = nf4_lora_linear(x, self.base_layer, bias, a, b, self.scaling[first],
+                                dropout_p=self.dropout_p(first), backend=self.backend[first])
+        return self._add_rest(x, y, rest, lambda: nf4_lora_linear(x.to(y.dtype), self.base_layer))
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={self.r[n]})" for n in self.lora_A)

@@ -57,6 +57,9 @@ class LoRAConfig:
             with the adapter; ``"all"``: every bias of the model does (PEFT's semantics: these are
             base-model tensors, shared by every adapter).
         lora_bias: lora_B gets a bias (zero-initialized), scaled like the update (PEFT's lora_bias).
+        use_dora: DoRA (Liu et al. 2024): a trained magnitude per output row, initialized to the row
+            norms of W + s·BA; the output is (m / ‖W + s·BA‖)·(x Wᵀ + s·(dropout(x) Aᵀ) Bᵀ) + b with
+            the norm detached, as in the paper and PEFT.
     """
 
     r: int = 8
@@ -77,6 +80,7 @@ class LoRAConfig:
     task_type: Optional[str] = None
     bias: str = "none"
     lora_bias: bool = False
+    use_dora: bool = False
     extra: dict = field(default_factory=dict)  # PEFT keys we keep but do not interpret
 
     def __post_init__(self):
@@ -131,6 +135,9 @@ class LoRAConfig:
         V.string(c, "task_type", self.task_type, max_len=64)
         V.choice(c, "bias", self.bias, BIAS)
         V.boolean(c, "lora_bias", self.lora_bias)
+        V.boolean(c, "use_dora", self.use_dora)
+        if self.use_dora and self.lora_bias:
+            raise ValueError("LoRAConfig.use_dora with lora_bias: DoRA does not take a lora_B bias (PEFT refuses it too)")
         if not isinstance(self.extra, dict):
             raise TypeError(f"LoRAConfig.extra must be a dict, got {self.extra!r}")
 
@@ -174,7 +181,7 @@ class LoRAConfig:
                 "bias": self.bias,
                 "lora_bias": self.lora_bias,
                 "use_rslora": self.use_rslora,
-                "use_dora": False,
+                "use_dora": self.use_dora,
                 "init_lora_weights": True if self.init == "default" else self.init,
                 "modules_to_save": self.heads_to_save() or None,
                 "layers_to_transform": self.layers_to_transform,
@@ -200,7 +207,6 @@ class LoRAConfig:
         # Features that change the math and that peftcore does not implement: refused by name, never
         # loaded as something else.  (Keys PEFT writes at their defaults pass.)
         unsupported = {
-            "use_dora": (False, None),
             "target_parameters": (None, [], ()),
             "trainable_token_indices": (None, {}, []),
             "alora_invocation_tokens": (None, []),
@@ -220,6 +226,7 @@ class LoRAConfig:
             "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
             "fan_in_fan_out", "init_lora_weights", "base_model_name_or_path", "rank_pattern", "alpha_pattern",
             "layers_to_transform", "layers_pattern", "modules_to_save", "task_type", "bias", "lora_bias",
+            "use_dora",
         }
         task_type = d.get("task_type")
         if task_type is not None and not isinstance(task_type, str):
@@ -252,6 +259,7 @@ class LoRAConfig:
                 task_type=task_type,
                 bias=default("bias", "none"),
                 lora_bias=default("lora_bias", False),
+                use_dora=default("use_dora", False),
                 extra={k: v for k, v in d.items() if k not in known},
             )
         except (TypeError, ValueError) as e:
