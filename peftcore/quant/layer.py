@@ -52,8 +52,15 @@ class NF4Linear(nn.Module):
                         self.absmax2, self.offset, self.nested_blocksize)
 
     def block_absmax(self) -> torch.Tensor:
-        """fp32 ``[blocks]`` per-block absmax (rebuilt from 8 bits with double quantization)."""
-        return self.state.block_absmax()
+        """fp32 ``[blocks]`` per-block absmax (rebuilt from 8 bits with double quantization), cached
+        while the stored scales are unchanged (every forward and backward reads it)."""
+        key = (self.absmax.data_ptr(), self.absmax._version, self.absmax.device,
+               None if self.absmax2 is None else (self.absmax2.data_ptr(), self.absmax2._version))
+        cached = getattr(self, "_absmax_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.state.block_absmax().float())
+            self._absmax_cache = cached
+        return cached[1]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole weight ``[out, in]`` in ``dtype`` (default the compute dtype): for export and
