@@ -446,6 +446,8 @@ def build_parser(prog="peftcore demo") -> argparse.ArgumentParser:
                    help="memory suite: training steps per method (default 20)")
     p.add_argument("--memory-methods", type=lambda v: [m for m in v.split(",") if m], default=None,
                    metavar="LIST", help="memory suite: a subset of qlora,lora,dora,peft-lora,peft-qlora")
+    p.add_argument("--no-checkpointing", dest="memory_checkpointing", action="store_false",
+                   help="memory suite: skip the runs with gradient checkpointing")
     p.add_argument("--methods", type=_methods, default=None, metavar="LIST",
                    help=f"comma-separated subset of {','.join(METHODS)} (replaces --suite)")
     p.add_argument("--epochs", type=_per_method(int), action="append", default=[], metavar="[METHOD=]N",

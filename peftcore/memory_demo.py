@@ -7,7 +7,9 @@ greedy answer.  Each method runs in its own process (so one method's peak cannot
 it loads the cached model, quantizes it where the method says, returns freed memory to the OS,
 then trains ``--steps`` steps with a progress bar.  Per method: trainable parameters, resident bytes
 of the base weights, peak process RSS during training (the RSS at its start plus the peak growth,
-sampled every 5 ms), seconds per step, held-out loss before and after, and the exact-match rate.
+sampled every 5 ms), seconds per step, held-out loss before and after, and the exact-match rate;
+each method also runs with transformers' gradient checkpointing (reentrant, no
+``enable_input_require_grads`` by hand) for the activation-memory comparison.
 
     peftcore demo --suite memory [--steps 20] [--batch-size 4] [--methods qlora,lora,...] [--json rows.json]
 """
@@ -134,8 +136,10 @@ def _base_bytes(model) -> int:
     return total
 
 
-def worker(method: str, steps: int, batch_size: int, lr: float, n_eval: int, seed: int, progress: bool) -> dict:
-    """One method end to end in this process; returns its row."""
+def worker(method: str, steps: int, batch_size: int, lr: float, n_eval: int, seed: int, progress: bool,
+           checkpointing: bool = False) -> dict:
+    """One method end to end in this process; returns its row.  ``checkpointing``: transformers'
+    gradient checkpointing, reentrant, without ``enable_input_require_grads`` called by hand."""
     import random
 
     import torch
@@ -154,9 +158,12 @@ def worker(method: str, steps: int, batch_size: int, lr: float, n_eval: int, see
             t.data = t.data.clone()
     release_memory()
     train, held = _data("train", None), _data("test", n_eval)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
-    row = {"method": method, "what": DESCRIBE[method], "trainable": sum(p.numel() for p in trainable),
-           "base_bytes": _base_bytes(model)}
+    row = {"method": method, "what": DESCRIBE[method], "checkpointing": checkpointing,
+           "trainable": sum(p.numel() for p in trainable), "base_bytes": _base_bytes(model)}
     row["loss_before"] = _eval_loss(model, tok, held)
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     order = list(range(len(train)))
@@ -186,13 +193,14 @@ def worker(method: str, steps: int, batch_size: int, lr: float, n_eval: int, see
 def _table(rows, steps, batch_size) -> str:
     lines = [f"SmolLM2-135M-Instruct, {steps} steps of {batch_size} (JSON-intent skill; held-out loss and exact "
              "match of the greedy answer)", "",
-             "| method | trainable | base weights MB | peak RSS in training MB (above the bare process) | s/step "
-             "| held-out loss before -> after | exact match |", "|---|---|---|---|---|---|---|"]
+             "| method | checkpointing | trainable | base weights MB | peak RSS in training MB (above the bare "
+             "process) | s/step | held-out loss before -> after | exact match |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ck = "yes" if r.get("checkpointing") else "no"
         if "error" in r:
-            lines.append(f"| {r['what']} | – | – | – | – | {r['error']} | – |")
+            lines.append(f"| {r['what']} | {ck} | – | – | – | – | {r['error']} | – |")
             continue
-        lines.append(f"| {r['what']} | {r['trainable']:,} | {r['base_bytes'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} "
+        lines.append(f"| {r['what']} | {ck} | {r['trainable']:,} | {r['base_bytes'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} "
                      f"({r['peak_model_mb']:.0f}) | {r['seconds_per_step']:.2f} | {r['loss_before']:.3f} -> "
                      f"{r['loss_after']:.3f} | {r['exact_match']:.3f} |")
     return "\n".join(lines)
@@ -203,19 +211,23 @@ def run(args) -> list[dict]:
     methods = [m for m in (args.memory_methods or METHODS)]
     rows = []
     say = (lambda *a: None) if args.quiet else print
-    say(f"memory demo: {len(methods)} methods, {args.steps} steps each, one process per method "
-        f"(expected about {len(methods) * (30 + 3 * args.steps)} s on a 2-core CPU)")
+    runs = len(methods) * (2 if getattr(args, "memory_checkpointing", True) else 1)
+    say(f"memory demo: {len(methods)} methods with and without gradient checkpointing, {args.steps} steps each, "
+        f"one process per run (expected about {runs * (25 + 2 * args.steps)} s on a 2-core CPU)")
+    modes = (False, True) if getattr(args, "memory_checkpointing", True) else (False,)
     for m in methods:
-        cmd = [sys.executable, "-m", "peftcore.memory_demo", "--worker", m, "--steps", str(args.steps),
-               "--batch-size", str(args.memory_batch_size), "--lr", str(args.memory_lr), "--eval", str(args.memory_eval),
-               "--seed", str(args.seed)] + ([] if args.progress else ["--no-progress"])
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        line = [x for x in res.stdout.splitlines() if x.startswith("{")]
-        if res.returncode != 0 or not line:
-            rows.append({"method": m, "what": DESCRIBE[m], "error": f"exit {res.returncode}"})
-            continue
-        rows.append(json.loads(line[-1]))
+        for ck in modes:
+            cmd = [sys.executable, "-m", "peftcore.memory_demo", "--worker", m, "--steps", str(args.steps),
+                   "--batch-size", str(args.memory_batch_size), "--lr", str(args.memory_lr),
+                   "--eval", str(args.memory_eval), "--seed", str(args.seed)]
+            cmd += (["--checkpointing"] if ck else []) + ([] if args.progress else ["--no-progress"])
+            env = dict(os.environ, PYTHONWARNINGS="ignore")
+            res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            line = [x for x in res.stdout.splitlines() if x.startswith("{")]
+            if res.returncode != 0 or not line:
+                rows.append({"method": m, "what": DESCRIBE[m], "checkpointing": ck, "error": f"exit {res.returncode}"})
+                continue
+            rows.append(json.loads(line[-1]))
     say(_table(rows, args.steps, args.memory_batch_size))
     if args.json:
         tmp = f"{args.json}.tmp"
@@ -233,13 +245,14 @@ def _main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     import warnings
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    row = worker(a.worker, a.steps, a.batch_size, a.lr, a.eval, a.seed, a.progress)
+    row = worker(a.worker, a.steps, a.batch_size, a.lr, a.eval, a.seed, a.progress, a.checkpointing)
     print(json.dumps(row), flush=True)
     return 0
 

@@ -62,7 +62,7 @@ def test_options_and_the_parent_table(tmp_path, monkeypatch, capsys):
         m = cmd[cmd.index("--worker") + 1]
         if m == "lora":
             return subprocess.CompletedProcess(cmd, 1, stdout="boom\n")
-        row = {"method": m, "what": M.DESCRIBE[m], "trainable": 10, "base_bytes": 2e6, "loss_before": 3.0,
+        row = {"method": m, "what": M.DESCRIBE[m], "checkpointing": "--checkpointing" in cmd, "trainable": 10, "base_bytes": 2e6, "loss_before": 3.0,
                "seconds_per_step": 1.5, "peak_rss_mb": 900.0, "peak_model_mb": 400.0, "loss_after": 1.0,
                "exact_match": 0.5}
         return subprocess.CompletedProcess(cmd, 0, stdout="progress\n" + json.dumps(row) + "\n")
@@ -71,4 +71,7 @@ def test_options_and_the_parent_table(tmp_path, monkeypatch, capsys):
     rows = M.run(args)
     out = capsys.readouterr().out
     assert "| peftcore QLoRA" in out and "900 (400)" in out and "exit 1" in out
-    assert json.loads((tmp_path / "rows.json").read_text()) == rows and rows[1]["error"] == "exit 1"
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows and rows[2]["error"] == "exit 1"
+    assert [r["checkpointing"] for r in rows] == [False, True, False, True]  # every method both ways
+    _, args = parse_args(["--suite", "memory", "--memory-methods", "qlora", "--no-checkpointing"])
+    assert len(M.run(args)) == 1
