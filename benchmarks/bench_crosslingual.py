@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from run_meta import run_meta  # benchmarks/run_meta.py (the script's own folder is on sys.path)
 
 
 def plot(rows, path):
@@ -176,14 +176,12 @@ def main(argv=None):
                     accs.append(evaluate(clf, ev[lang], pad, "cpu"))
                 add(f"{setting}, few-shot", lang, k, accs, time.perf_counter() - t0)
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     cmd = (f"python benchmarks/bench_crosslingual.py --k {args.k} --seeds {args.seeds}"
            + (f" --model {args.model}" if args.model else ""))
-    meta = {"device": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-            "commit": commit, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": cmd,
-            "model": str(model_dir), "eval_texts": len(held), "mlm_loss": mlm_losses,
-            "objective": "masked language modelling, head tied to the frozen input embeddings",
-            "seconds_total": time.perf_counter() - t_start}
+    meta = run_meta(cmd, args.threads, model=str(model_dir), eval_texts=len(held), mlm_loss=mlm_losses,
+                    objective="masked language modelling, head tied to the frozen input embeddings",
+                    seconds_total=time.perf_counter() - t_start)
+    commit = meta["commit"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "crosslingual_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from run_meta import run_meta  # benchmarks/run_meta.py (the script's own folder is on sys.path)
 
 
 def layer_pair(k, n, r, p, use_dora):
@@ -90,11 +90,9 @@ def main(argv=None):
                          "x_peft_dora": ratio("PEFT DoRA")})
             print(f"{k}->{n} {nm:15} {rows[-1]['p50_ms']:8.1f} ms  x floor {rows[-1]['x_floor']:.2f}  "
                   f"x PEFT DoRA {rows[-1]['x_peft_dora']:.2f}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"device": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-            "commit": commit, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": f"python benchmarks/bench_dora.py --tokens {args.tokens} --rounds {args.rounds}",
-            "mode": "forward + backward (fp32)"}
+    meta = run_meta(f"python benchmarks/bench_dora.py --tokens {args.tokens} --rounds {args.rounds}", args.threads,
+                    mode="forward + backward (fp32)")
+    commit = meta["commit"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dora_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

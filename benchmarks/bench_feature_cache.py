@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from run_meta import run_meta  # benchmarks/run_meta.py (the script's own folder is on sys.path)
 
 
 def main(argv=None):
@@ -78,11 +78,9 @@ def main(argv=None):
     base = rows[0]["seconds"]
     for r in rows:
         r["speedup"] = base / r["seconds"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"device": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-            "commit": commit, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": f"python benchmarks/bench_feature_cache.py --epochs {args.epochs}", "epochs": args.epochs,
-            "head": "linear", "data": f"textcls {len(tr)} train / {len(te)} test"}
+    meta = run_meta(f"python benchmarks/bench_feature_cache.py --epochs {args.epochs}", args.threads,
+                    epochs=args.epochs, head="linear", data=f"textcls {len(tr)} train / {len(te)} test")
+    commit = meta["commit"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "feature_cache_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from run_meta import run_meta  # benchmarks/run_meta.py (the script's own folder is on sys.path)
 
 ENCODER_TEMPLATES = ["{label}", "This is {label}.", "This request is about {label}.",
                      "The customer is {label}.", "A customer message {label}."]
@@ -155,11 +155,10 @@ def main(argv=None):
         add(f"{label}, whole training set", "MiniLM", len(tr), [acc], time.perf_counter() - t0,
             sum(q.numel() for q in clf.parameters() if q.requires_grad))
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     cmd = f"python benchmarks/bench_prompts.py --k {args.k} --seeds {args.seeds}" + (" --no-lm" if args.no_lm else "")
-    meta = {"device": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-            "commit": commit, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": cmd,
-            "data": f"textcls {len(tr)} train / {len(te)} test, 5 classes", "k": args.k, "seeds": args.seeds}
+    meta = run_meta(cmd, args.threads, data=f"textcls {len(tr)} train / {len(te)} test, 5 classes", k=args.k,
+                    seeds=args.seeds)
+    commit = meta["commit"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -115,6 +115,13 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+def smollm2_cache_dir(cache_dir=None) -> Path:
+    """Where :func:`load_causal_lm` keeps the converted SmolLM2: keyed on the GGUF file's size and mtime."""
+    st = smollm2_gguf().stat()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
+
+
 def _fp32() -> dict:
     """The float32 load argument: ``dtype`` from transformers 4.56, ``torch_dtype`` before it."""
     import transformers
@@ -146,9 +153,8 @@ def load_causal_lm(model_dir=None, cache_dir=None, say=None):
             raise DemoError(f"model {str(model_dir)!r}: cannot load a causal LM ({type(e).__name__}: {e})") from None
         return lm.eval(), tok
     gguf = smollm2_gguf()
-    st = gguf.stat()
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
+    target = smollm2_cache_dir(cache_dir)
+    root = target.parent
     if not (target / "config.json").is_file():
         import shutil
         import tempfile

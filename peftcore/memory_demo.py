@@ -101,7 +101,7 @@ def _load(method: str):
     """(model, tokenizer) set up for ``method``; only the adapter trains."""
     import torch
 
-    from .assets import cache_root, load_causal_lm, smollm2_gguf
+    from .assets import load_causal_lm, smollm2_cache_dir
 
     model, tok = load_causal_lm()
     if method in ("qlora", "lora", "dora"):
@@ -117,8 +117,7 @@ def _load(method: str):
     if method == "peft-qlora":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        st = smollm2_gguf().stat()
-        path = cache_root() / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
+        path = smollm2_cache_dir()  # load_causal_lm above converted it there
         del model
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)

@@ -292,30 +292,33 @@ class LoRALinear(nn.Module, AdapterHost):
             return lora_mixed_linear(x.to(w.dtype), w, self.base_layer.bias, *self.mixed)
         if not names:
             return self.base_layer(x)
-        if self.quantized:
-            return self._forward_nf4(x, names)
-        w = self.weight_out_in()
-        bias = self.base_layer.bias
+        _, dtype = self.base_device_dtype()
         # Under autocast the op casts every input itself, as F.linear does; otherwise the adapter
         # runs in the base weight's dtype (fp32 adapter weights get their gradient through .to).
         cast = not torch.is_autocast_enabled(x.device.type)
-        if cast and x.dtype != w.dtype:
-            x = x.to(w.dtype)
+        if cast and x.dtype != dtype:
+            x = x.to(dtype)
         first, rest = names[0], names[1:]
         a, b = self.lora_A[first].weight, self.lora_B[first].weight
+        bias = self.base_layer.bias
         extra = self.lora_bias(first)  # lora_bias folds into the op's bias: one add, its gradient flows
         if extra is not None:
             bias = extra if bias is None else bias + extra
-            bias = bias.to(w.dtype) if cast else bias
-        a, b = (a.to(w.dtype), b.to(w.dtype)) if cast else (a, b)
-        if first in self.lora_magnitude_vector:  # DoRA: the op without bias, then the row scale
-            y = lora_linear(x, w, None, a, b, self.scaling[first], dropout_p=self.dropout_p(first),
-                            backend=self.backend[first])
-            y = self._dora_out(first, y, bias)
+            bias = bias.to(dtype) if cast else bias
+        a, b = (a.to(dtype), b.to(dtype)) if cast else (a, b)
+        dora_first = first in self.lora_magnitude_vector  # DoRA: the op without bias, then the row scale
+        op_bias = None if dora_first else bias
+        kw = dict(dropout_p=self.dropout_p(first), backend=self.backend[first])
+        if self.quantized:  # QLoRA: the adapter fused with the 4-bit base
+            y = nf4_lora_linear(x, self.base_layer, op_bias, a, b, self.scaling[first], **kw)
+            base_out = lambda: nf4_lora_linear(x.to(y.dtype), self.base_layer)  # noqa: E731
         else:
-            y = lora_linear(x, w, bias, a, b, self.scaling[first], dropout_p=self.dropout_p(first),
-                            backend=self.backend[first])
-        return self._add_rest(x, y, rest, lambda: F.linear(x.to(y.dtype), w.to(y.dtype)))
+            w = self.weight_out_in()
+            y = lora_linear(x, w, op_bias, a, b, self.scaling[first], **kw)
+            base_out = lambda: F.linear(x.to(y.dtype), w.to(y.dtype))  # noqa: E731
+        if dora_first:
+            y = self._dora_out(first, y, bias)
+        return self._add_rest(x, y, rest, base_out)
 
     def _dora_out(self, name: str, z: torch.Tensor, bias) -> torch.Tensor:
         y = z * dora.scale(self, name, z.dtype)
@@ -337,30 +340,6 @@ class LoRALinear(nn.Module, AdapterHost):
             else:
                 y = y + self.scaling[name] * lo
         return y
-
-    def _forward_nf4(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """QLoRA: the first adapter fused with the 4-bit base in ``nf4_lora_linear``."""
-        _, dtype = self.base_device_dtype()
-        cast = not torch.is_autocast_enabled(x.device.type)
-        if cast and x.dtype != dtype:
-            x = x.to(dtype)
-        first, rest = names[0], names[1:]
-        a, b = self.lora_A[first].weight, self.lora_B[first].weight
-        bias = self.base_layer.bias
-        extra = self.lora_bias(first)
-        if extra is not None:
-            bias = extra if bias is None else bias + extra
-        if cast:
-            a, b = a.to(dtype), b.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        if first in self.lora_magnitude_vector:
-            y = nf4_lora_linear(x, self.base_layer, None, a, b, self.scaling[first],
-                                dropout_p=self.dropout_p(first), backend=self.backend[first])
-            y = self._dora_out(first, y, bias)
-        else:
-            y = nf4_lora_linear(x, self.base_layer, bias, a, b, self.scaling[first],
-                                dropout_p=self.dropout_p(first), backend=self.backend[first])
-        return self._add_rest(x, y, rest, lambda: nf4_lora_linear(x.to(y.dtype), self.base_layer))
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}(r={self.r[n]})" for n in self.lora_A)

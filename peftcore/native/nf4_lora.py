@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.nf4_lora import panel_rows
+from ..reference import nf4_lora as reference
 from ..reference.rng import dropout_threshold
 from . import dense, dl, num_threads, require, rowwise
 
@@ -30,26 +30,21 @@ def _check(x: torch.Tensor, *named) -> None:
 
 
 def panels(packed, absmax, n, k, blocksize, dtype, device):
-    """Yield ``(start, stop, W[start:stop])`` dequantized by the C++ kernel into one reused buffer."""
+    """The reference's panels, dequantized by the C++ kernel."""
     ext = require(cuda=False)
-    rows = panel_rows(n, k, blocksize)
-    buf = torch.empty(rows * k, dtype=dtype, device=device)
     flat, a = dense(packed).view(-1), dense(absmax)
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        w = buf[: (e - s) * k].view(e - s, k)
-        ext.nf4_dequant_rows(dl(flat), dl(a), dl(w), n, s, blocksize, num_threads())
-        yield s, e, w
+    nthreads = num_threads()
+
+    def fill(w, start):
+        ext.nf4_dequant_rows(dl(flat), dl(a), dl(w), n, start, blocksize, nthreads)
+
+    return reference.panels(packed, absmax, n, k, blocksize, dtype, device, fill)
 
 
 def nf4_lora_fwd(x, packed, absmax, n, k, blocksize, bias, lora_a, lora_b, scaling, p, seed):
     _check(x, ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b))
     x = rowwise(x)
-    y = torch.empty(x.shape[0], n, dtype=x.dtype)
-    for s, e, w in panels(packed, absmax, n, k, blocksize, x.dtype, x.device):
-        y[:, s:e] = x @ w.t()
-    if bias is not None:
-        y += bias
+    y = reference.base_forward(x, panels(packed, absmax, n, k, blocksize, x.dtype, x.device), n, bias)
     if lora_a is None:
         return y, x.new_empty(x.shape[0], 0)
     a, b = dense(lora_a), dense(lora_b)
@@ -65,9 +60,7 @@ def nf4_lora_bwd(dy, x, xa, packed, absmax, n, k, blocksize, lora_a, lora_b, sca
     dy, x = rowwise(dense(dy)), rowwise(x)
     dx = None
     if need_x:
-        dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        for s, e, w in panels(packed, absmax, n, k, blocksize, dy.dtype, dy.device):
-            dx.addmm_(dy[:, s:e], w)
+        dx = reference.base_dx(dy, x, panels(packed, absmax, n, k, blocksize, dy.dtype, dy.device))
     dbias = dy.sum(0) if need_bias else None
     if lora_a is None or not (need_x or need_a or need_b):
         return dx, dbias, None, None

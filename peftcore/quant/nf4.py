@@ -243,7 +243,7 @@ def dequantize_range(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
     flat = packed.reshape(-1)
     if out is None:
         out = torch.empty(hi - lo, dtype=dtype, device=packed.device)
-    if lo % blocksize == 0 and (hi % blocksize == 0 or hi == _numel_hint(flat, hi)) and lo % 2 == 0:
+    if lo % blocksize == 0 and hi % blocksize == 0 and lo % 2 == 0:  # whole blocks (not a short last one)
         return _dequantize_aligned(flat, absmax, blocksize, lo, hi, out)
     code = NF4_CODE.to(packed.device)
     for s in range(lo, hi, _CHUNK):
@@ -269,10 +269,6 @@ def _pair_table(device) -> torch.Tensor:
         t = torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 0xF]], dim=1).to(device)
         _PAIRS[device] = t
     return t
-
-
-def _numel_hint(flat, hi):
-    return -1  # the aligned path needs whole blocks (a short last block takes the general path)
 
 
 def _dequantize_aligned(flat, absmax, blocksize, lo, hi, out):

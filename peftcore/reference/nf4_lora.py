@@ -36,23 +36,43 @@ def panel_rows(n: int, k: int, blocksize: int = 1) -> int:
     return rows
 
 
-def panels(packed, absmax, n, k, blocksize, dtype, device):
-    """Yield ``(start, stop, W[start:stop] in dtype)``, one reused buffer for every panel."""
+def panels(packed, absmax, n, k, blocksize, dtype, device, fill=None):
+    """Yield ``(start, stop, W[start:stop] in dtype)``, one reused buffer for every panel.
+
+    ``fill(w [rows, k], start)`` dequantizes rows ``[start, start + rows)`` into ``w`` (a backend's
+    kernel); None: :func:`~peftcore.quant.nf4.dequantize_range` in PyTorch."""
     rows = panel_rows(n, k, blocksize)
     buf = torch.empty(rows * k, dtype=dtype, device=device)
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        w = buf[: (e - s) * k]
-        dequantize_range(packed, absmax, blocksize, s * k, e * k, out=w)
-        yield s, e, w.view(e - s, k)
+        w = buf[: (e - s) * k].view(e - s, k)
+        if fill is None:
+            dequantize_range(packed, absmax, blocksize, s * k, e * k, out=w.view(-1))
+        else:
+            fill(w, s)
+        yield s, e, w
 
 
-def nf4_lora_fwd(x, packed, absmax, n, k, blocksize, bias, lora_a, lora_b, scaling, p, seed):
+def base_forward(x, weight_panels, n, bias):
+    """``x · Wᵀ + b`` ``[M, n]`` from W's panels (the forward's base GEMM, one panel at a time)."""
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    for s, e, w in panels(packed, absmax, n, k, blocksize, x.dtype, x.device):
+    for s, e, w in weight_panels:
         y[:, s:e] = x @ w.t()
     if bias is not None:
         y += bias
+    return y
+
+
+def base_dx(dy, x, weight_panels):
+    """``dy · W`` ``[M, k]`` (fresh, contiguous) from W's panels."""
+    dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    for s, e, w in weight_panels:
+        dx.addmm_(dy[:, s:e], w)
+    return dx
+
+
+def nf4_lora_fwd(x, packed, absmax, n, k, blocksize, bias, lora_a, lora_b, scaling, p, seed):
+    y = base_forward(x, panels(packed, absmax, n, k, blocksize, x.dtype, x.device), n, bias)
     if lora_a is None:
         return y, x.new_empty(x.shape[0], 0)
     xa = dropout(x, p, seed) @ lora_a.t()
@@ -67,9 +87,7 @@ def nf4_lora_bwd(dy, x, xa, packed, absmax, n, k, blocksize, lora_a, lora_b, sca
     if has_lora and (need_x or need_a):
         dyb = (dy @ lora_b) * scaling  # [M, R]
     if need_x:
-        dx = torch.zeros_like(x)
-        for s, e, w in panels(packed, absmax, n, k, blocksize, dy.dtype, dy.device):
-            dx.addmm_(dy[:, s:e], w)
+        dx = base_dx(dy, x, panels(packed, absmax, n, k, blocksize, dy.dtype, dy.device))
         if has_lora:
             dx += dropout(dyb @ lora_a, p, seed)
     if has_lora and need_a:
